@@ -1,0 +1,3 @@
+"""cskd: Cumulative Spatial Knowledge Distillation from CNN teachers into fast ViT students."""
+
+__version__ = "0.1.0"

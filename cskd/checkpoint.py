@@ -1,0 +1,186 @@
+"""Checkpoints: safetensors weights with a self-describing header, written atomically.
+
+A cskd checkpoint is a ``.safetensors`` file whose metadata holds a :class:`ModelSpec` (what to
+build, how to feed it, the class names), so ``cskd eval`` and ``cskd export`` need nothing else.
+Optimizer, scheduler and EMA state for ``--resume`` sit beside it in ``<name>.state.pt``
+(tensors and plain containers only, loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from cskd.errors import CSKDError
+
+FORMAT = "cskd-checkpoint-1"
+BEST, LAST = "best.safetensors", "last.safetensors"
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild and feed a trained network."""
+
+    role: str  # "student" (distilled ViT) or "teacher" (CNN)
+    model: str  # timm model name
+    num_classes: int
+    in_chans: int
+    img_size: int
+    patch_size: Optional[int] = None  # students only
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm arguments (output_stride...)
+    mean: Tuple[float, ...] = (0.0,)
+    std: Tuple[float, ...] = (1.0,)
+    class_names: List[str] = field(default_factory=list)
+
+    def build(self) -> nn.Module:
+        """A freshly initialised network of this spec (student wrapper or teacher wrapper)."""
+        from cskd.models import create_student, create_teacher
+
+        if self.role == "student":
+            return create_student(self.model, self.num_classes, self.img_size, self.patch_size, self.in_chans, **self.kwargs)
+        return create_teacher(self.model, self.num_classes, self.in_chans, **self.kwargs)
+
+    def to_metadata(self) -> Dict[str, str]:
+        return {"format": FORMAT, "spec": json.dumps(dataclasses.asdict(self))}
+
+    @classmethod
+    def from_metadata(cls, metadata: Dict[str, str], path: Path) -> "ModelSpec":
+        if not metadata or metadata.get("format") != FORMAT:
+            raise CSKDError(f"{path} is not a cskd checkpoint (no cskd header); pass a file written by `cskd train`")
+        raw = json.loads(metadata["spec"])
+        raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+        return cls(**raw)
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(path: Path, state_dict: Dict[str, torch.Tensor], spec: ModelSpec, info: Dict[str, Any] | None = None) -> None:
+    """Write weights and their spec (plus small JSON-able ``info``) as one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    metadata = {**spec.to_metadata(), "info": json.dumps(info or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's ``best.safetensors`` (else ``last.safetensors``)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (BEST, LAST):
+            if (path / name).is_file():
+                return path / name
+        raise CSKDError(f"run directory {path} holds no {BEST} or {LAST}; train first or pass a checkpoint file")
+    if not path.is_file():
+        raise CSKDError(f"checkpoint {path} does not exist; pass a run directory or a .safetensors file")
+    return path
+
+
+def read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise CSKDError(f"cannot read {path}: corrupted or not a safetensors file ({exc}); use an intact checkpoint") from None
+
+
+def load_weights(path: str | Path) -> Tuple[Dict[str, torch.Tensor], ModelSpec, Dict[str, Any]]:
+    """Read a cskd checkpoint: ``(state_dict, spec, info)``."""
+    path = resolve_checkpoint(path)
+    tensors, metadata = read_safetensors(path)
+    spec = ModelSpec.from_metadata(metadata, path)
+    return tensors, spec, json.loads(metadata.get("info", "{}"))
+
+
+def load_model(path: str | Path) -> Tuple[nn.Module, ModelSpec, Dict[str, Any]]:
+    """Rebuild the network stored in a cskd checkpoint, in eval mode."""
+    tensors, spec, info = load_weights(path)
+    model = spec.build()
+    inner = model.vit if spec.role == "student" else model.model
+    _load_strict(inner, tensors, resolve_checkpoint(path), spec.model)
+    return model.eval(), spec, info
+
+
+def _read_foreign(path: Path) -> Dict[str, torch.Tensor]:
+    """A plain state dict from a ``.safetensors`` or a torch file (``weights_only``: no pickle code)."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)[0]
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CSKDError(f"cannot read {path} as a state dict ({exc}); pass a .safetensors or a weights-only .pth") from None
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_strict(model: nn.Module, tensors: Dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    result = model.load_state_dict(tensors, strict=False)
+    mismatched = [k for k, v in tensors.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
+    if result.missing_keys or result.unexpected_keys or mismatched:
+        first = (result.missing_keys or result.unexpected_keys or mismatched)[0]
+        raise CSKDError(
+            f"{path} does not fit {arch!r}: {len(result.missing_keys)} missing, {len(result.unexpected_keys)} "
+            f"unexpected, {len(mismatched)} mis-shaped tensors (first: {first}); pass a checkpoint of this architecture"
+        )
+
+
+def load_model_weights(model: nn.Module, checkpoint: str | Path, role: str, expect_model: str) -> Optional[ModelSpec]:
+    """Load ``checkpoint`` into a bare timm ``model``; return its spec when it is a cskd checkpoint."""
+    path = resolve_checkpoint(checkpoint)
+    if path.suffix == ".safetensors":
+        tensors, metadata = read_safetensors(path)
+        if metadata.get("format") == FORMAT:
+            spec = ModelSpec.from_metadata(metadata, path)
+            if spec.model != expect_model:
+                raise CSKDError(f"{path} holds {spec.model!r}, not {expect_model!r}; set {role}.model={spec.model}")
+            _load_strict(model, tensors, path, expect_model)
+            return spec
+    else:
+        tensors = _read_foreign(path)
+    _load_strict(model, tensors, path, expect_model)
+    return None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_state(path: Path, state: Dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path) -> Dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CSKDError(f"cannot read resume state {path} ({exc}); resume from an intact run or start a new one") from None

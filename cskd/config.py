@@ -1,0 +1,253 @@
+"""Run configuration: typed dataclasses, YAML files and dotted ``key=value`` overrides.
+
+Precedence: dataclass defaults < YAML file < command-line overrides. Unknown keys and
+out-of-range values raise :class:`~cskd.errors.CSKDError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from cskd.errors import CSKDError, did_you_mean
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist-demo"  # fashion-mnist-demo | fashion-mnist | imagefolder
+    path: Optional[str] = None  # IDX folder (fashion-mnist) or root with train/ and val/ (imagefolder)
+    channels: Optional[int] = None  # imagefolder: 1 (grayscale) or 3; IDX data is always 1
+    workers: int = 2  # DataLoader worker processes per training process
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null disables
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    hflip: float = 0.5
+    reprob: float = 0.25  # random erasing probability
+    mixup: float = 0.8  # mixup alpha; 0 disables
+    cutmix: float = 1.0  # cutmix alpha; 0 disables
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1  # label smoothing
+    interpolation: str = "bicubic"
+
+
+@dataclass
+class StudentConfig:
+    model: str = "deit_tiny_distilled_patch16_224"  # any timm deit_*_distilled_* (or cskd_deit_nano_*)
+    img_size: int = 224  # input side in pixels, used by teacher and student alike
+    patch_size: int = 16
+    drop_path: float = 0.1
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm arguments (embed_dim, depth...)
+    mean: Optional[List[float]] = None  # input normalisation; null: the dataset's statistics
+    std: Optional[List[float]] = None
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "regnety_160"  # any timm CNN with a pool + classifier head
+    checkpoint: Optional[str] = None  # cskd run dir/checkpoint, a state dict, or "demo" (packaged)
+    img_size: Optional[int] = None  # only when training the teacher (train.target=teacher)
+    drop_path: float = 0.0
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm arguments (output_stride...)
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+
+
+@dataclass
+class TrainConfig:
+    target: str = "student"  # student: distil the ViT; teacher: supervised training of the CNN
+    epochs: int = 300
+    batch_size: int = 128  # per process; the global batch is batch_size x world size
+    lr: float = 5e-4  # for a global batch of 512, scaled linearly (DeiT)
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: float = 5
+    weight_decay: float = 0.05
+    opt: str = "adamw"  # any timm optimizer name
+    clip_grad: Optional[float] = None  # max gradient norm; null disables
+    ema: bool = False  # keep an EMA of the weights; evaluated and saved instead of the raw weights
+    ema_decay: float = 0.99996
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    compile: bool = False  # torch.compile the student
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    seed: int = 0
+    threads: Optional[int] = None  # CPU threads per process; null: torch's default
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 0.5  # weight of the distillation-token term (class token: 1 - alpha)
+    deit_type: str = "hard"  # hard | soft | none
+    cskd_type: str = "hard"  # hard | soft | none
+    cskd_weight: float = 1.0  # lambda
+    decay: str = "linear"  # CKF schedule: linear | x2 | cos | none
+    tau: float = 1.0  # temperature of the soft variants
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    output: Optional[str] = None  # run directory; null: runs/<target>-<timestamp>
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "data.name": ("fashion-mnist-demo", "fashion-mnist", "imagefolder"),
+    "train.target": ("student", "teacher"),
+    "train.amp": ("auto", "bf16", "fp16", "off"),
+    "loss.deit_type": ("hard", "soft", "none"),
+    "loss.cskd_type": ("hard", "soft", "none"),
+    "loss.decay": ("linear", "x2", "cos", "none"),
+}
+# key: (low, high, low inclusive) -- ranges a run can sensibly take
+_RANGES = {
+    "train.epochs": (1, 100000, True),
+    "train.batch_size": (1, 1 << 16, True),
+    "train.lr": (0, 1, False),
+    "train.min_lr": (0, 1, True),
+    "train.warmup_epochs": (0, 100000, True),
+    "train.weight_decay": (0, 10, True),
+    "train.clip_grad": (0, 1e6, False),
+    "train.ema_decay": (0, 1, False),
+    "loss.alpha": (0, 1, True),
+    "loss.cskd_weight": (0, 1e3, True),
+    "loss.tau": (0, 1e3, False),
+    "data.workers": (0, 256, True),
+    "data.hflip": (0, 1, True),
+    "data.reprob": (0, 1, True),
+    "data.mixup": (0, 1e3, True),
+    "data.cutmix": (0, 1e3, True),
+    "data.mixup_prob": (0, 1, True),
+    "data.smoothing": (0, 1, False),
+    "student.img_size": (8, 4096, True),
+    "student.patch_size": (1, 1024, True),
+    "student.drop_path": (0, 1, True),
+    "teacher.drop_path": (0, 1, True),
+}
+
+
+def _leaf_keys(obj: Any, prefix: str = "") -> Dict[str, Any]:
+    keys = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            keys.update(_leaf_keys(value, f"{name}."))
+        else:
+            keys[name] = value
+    return keys
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    known = _leaf_keys(cfg)
+    if key not in known:
+        raise CSKDError(f"unknown config key {key!r}{did_you_mean(key, known)}; see `cskd train --help` for the keys")
+    *parents, leaf = key.split(".")
+    target = cfg
+    for part in parents:
+        target = getattr(target, part)
+    default = known[key]
+    if isinstance(default, dict) and value is not None and not isinstance(value, dict):
+        raise CSKDError(f"{key} takes a mapping, e.g. {key}={{depth: 4}}; got {value!r}")
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise CSKDError(f"{key} takes true or false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CSKDError(f"{key} takes a number, got {value!r}")
+        if isinstance(default, int) and not float(value).is_integer():
+            raise CSKDError(f"{key} takes a whole number, got {value!r}")
+        value = type(default)(value)
+    setattr(target, leaf, value)
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and not name.endswith("kwargs"):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``; values are parsed as YAML."""
+    if "=" not in text:
+        raise CSKDError(f"override {text!r} is not key=value; write e.g. train.epochs=10")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def packaged_config(name: str) -> Path:
+    return Path(str(resources.files("cskd") / "configs" / f"{name}.yaml"))
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Build a validated :class:`Config` from a YAML file (or the packaged demo) and overrides."""
+    cfg = Config()
+    path = Path(path) if path is not None else packaged_config("demo")
+    if not path.is_file():
+        raise CSKDError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CSKDError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise CSKDError(f"config file {path} must hold a mapping of sections (data:, student:, ...)")
+    for key, value in _flatten(tree).items():
+        _set(cfg, key, value)
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    values = _leaf_keys(cfg)
+    for key, allowed in _CHOICES.items():
+        if values[key] not in allowed:
+            raise CSKDError(f"{key}={values[key]!r} is not one of {', '.join(allowed)}{did_you_mean(str(values[key]), allowed)}")
+    for key, (low, high, inclusive) in _RANGES.items():
+        value = values[key]
+        if value is None:
+            continue
+        ok = (low <= value if inclusive else low < value) and value <= high
+        if not ok:
+            bracket = "[" if inclusive else "("
+            raise CSKDError(f"{key}={value} is out of range {bracket}{low}, {high}]; choose a value inside it")
+    if len(cfg.data.scale) != 2 or not 0 < cfg.data.scale[0] <= cfg.data.scale[1] <= 1:
+        raise CSKDError(f"data.scale={cfg.data.scale} must be [low, high] with 0 < low <= high <= 1")
+    if cfg.data.name == "imagefolder" and not cfg.data.path:
+        raise CSKDError("data.name=imagefolder needs data.path=ROOT (a folder with train/ and val/ class folders)")
+    if cfg.student.img_size % cfg.student.patch_size:
+        raise CSKDError(
+            f"student.img_size={cfg.student.img_size} is not a multiple of student.patch_size={cfg.student.patch_size}"
+        )
+    if cfg.train.target == "student" and (cfg.loss.deit_type != "none" or cfg.loss.cskd_type != "none"):
+        if not cfg.teacher.checkpoint:
+            raise CSKDError(
+                "distillation needs a trained teacher: set teacher.checkpoint=RUN_DIR (train one with "
+                "`cskd train train.target=teacher`), or loss.deit_type=none loss.cskd_type=none for no KD"
+            )
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from cskd.checkpoint import atomic_write
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -1,0 +1,101 @@
+"""The data sets cskd trains on: the embedded Fashion-MNIST demo, full Fashion-MNIST, ImageFolder.
+
+Every data set yields ``(PIL image, label)`` through a transform and carries a
+:class:`DatasetInfo` (classes, channels and the normalisation statistics to use by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from cskd.errors import CSKDError
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FASHION_MNIST_DEBIAN_PATH = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    class_names: List[str]
+    channels: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class ArrayImageDataset(Dataset):
+    """Grayscale images held as a uint8 array ``[N, H, W]`` with integer labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Optional[Callable] = None) -> None:
+        self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index], mode="L")
+        return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+
+def demo_arrays(split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """The embedded subset (made by scripts/make_demo_data.py): 10,000 train / 2,000 val images."""
+    with resources.files("cskd").joinpath("assets/fashion_mnist_demo.npz").open("rb") as f:
+        arrays = np.load(f)
+        return arrays[f"{split}_images"], arrays[f"{split}_labels"]
+
+
+def fashion_mnist_arrays(path: Optional[str], split: str) -> Tuple[np.ndarray, np.ndarray]:
+    from cskd.data.idx import read_idx_split
+
+    return read_idx_split(path or FASHION_MNIST_DEBIAN_PATH, "train" if split == "train" else "t10k")
+
+
+def _image_folder(root: Path, split: str, channels: int, transform: Optional[Callable]) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    folder = root / split
+    if not folder.is_dir():
+        raise CSKDError(f"{folder} does not exist; an imagefolder root needs train/<class>/*.jpg and val/<class>/*.jpg")
+    mode = "L" if channels == 1 else "RGB"
+    try:
+        return ImageFolder(str(folder), transform=transform, loader=lambda p: Image.open(p).convert(mode))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise CSKDError(f"{folder}: {exc}; put images in one sub-folder per class") from None
+
+
+def build_dataset(
+    name: str, split: str, path: Optional[str] = None, channels: Optional[int] = None, transform: Optional[Callable] = None
+) -> Tuple[Dataset, DatasetInfo]:
+    """The ``split`` ("train" or "val") of data set ``name`` and its :class:`DatasetInfo`."""
+    if name in ("fashion-mnist-demo", "fashion-mnist"):
+        images, labels = demo_arrays(split) if name == "fashion-mnist-demo" else fashion_mnist_arrays(path, split)
+        info = DatasetInfo(FASHION_MNIST_CLASSES, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        return ArrayImageDataset(images, labels, transform), info
+    if name == "imagefolder":
+        if not path:
+            raise CSKDError("data.name=imagefolder needs data.path=ROOT (a folder with train/ and val/)")
+        channels = channels or 3
+        dataset = _image_folder(Path(path), split, channels, transform)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+        return dataset, DatasetInfo(list(dataset.classes), channels, mean, std)
+    raise CSKDError(f"unknown data set {name!r}; use fashion-mnist-demo, fashion-mnist or imagefolder")
+
+
+def labels_of(dataset: Dataset) -> Sequence[int]:
+    if isinstance(dataset, ArrayImageDataset):
+        return dataset.labels
+    return [label for _, label in dataset.samples]

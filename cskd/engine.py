@@ -1,0 +1,187 @@
+"""One training epoch and one evaluation pass; both return dicts of averaged metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from cskd.data.transforms import normalize
+from cskd.distributed import DistEnv, all_reduce_sum
+from cskd.errors import CSKDError
+from cskd.loss import ckf_ratio
+
+
+class DivergedError(CSKDError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Normalization:
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, self.mean, self.std)
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class StepContext:
+    """What one optimisation step needs besides the batch."""
+
+    model: nn.Module  # student wrapper (or the bare CNN when training a teacher), maybe DDP-wrapped
+    teacher: Optional[nn.Module]  # frozen DenseTeacher, or None without distillation
+    criterion: Callable  # CSKDLoss for students; (logits, targets) -> loss for teachers
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # timm scheduler, stepped per update
+    student_norm: Normalization
+    teacher_norm: Optional[Normalization]
+    env: DistEnv
+    amp_dtype: Optional[torch.dtype] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    mixup: Optional[Callable] = None
+    ema: Optional[object] = None
+    clip_grad: Optional[float] = None
+    decay: str = "linear"
+
+
+def _loss_parts(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor, progress: float) -> Dict[str, torch.Tensor]:
+    with autocast(ctx.env.device, ctx.amp_dtype):
+        outputs = ctx.model(ctx.student_norm(images))
+        if ctx.teacher is None:
+            if isinstance(outputs, tuple):  # student without distillation
+                return ctx.criterion(outputs, targets, None, progress)
+            return {"loss": ctx.criterion(outputs, targets)}  # teacher training: plain classification
+        with torch.no_grad():
+            teacher_out = ctx.teacher(ctx.teacher_norm(images))
+        teacher_out = tuple(t.float() for t in teacher_out)
+        return ctx.criterion(tuple(o.float() for o in outputs), targets, teacher_out, progress)
+
+
+def train_one_epoch(
+    ctx: StepContext,
+    loader: Iterable,
+    epoch: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    progress_bar: Optional[object] = None,
+) -> Dict[str, float]:
+    """Train for one epoch; returns the mean of each loss part, the last lr, CKF ratio and images/s."""
+    ctx.model.train()
+    sums: Dict[str, torch.Tensor] = {}
+    seen, start = 0, time.perf_counter()
+    step = epoch * steps_per_epoch
+    for i, (images, targets) in enumerate(loader):
+        images = images.to(ctx.env.device, non_blocking=True)
+        targets = targets.to(ctx.env.device, non_blocking=True)
+        if ctx.mixup is not None:
+            images, targets = ctx.mixup(images, targets)
+        progress = step / total_steps
+        parts = _loss_parts(ctx, images, targets, progress)
+        loss = parts["loss"]
+        ctx.optimizer.zero_grad(set_to_none=True)
+        if ctx.scaler is not None:
+            ctx.scaler.scale(loss).backward()
+            ctx.scaler.unscale_(ctx.optimizer)
+        else:
+            loss.backward()
+        if ctx.clip_grad:
+            nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.clip_grad)
+        if ctx.scaler is not None:
+            ctx.scaler.step(ctx.optimizer)
+            ctx.scaler.update()
+        else:
+            ctx.optimizer.step()
+        step += 1
+        ctx.scheduler.step_update(num_updates=step)
+        if ctx.ema is not None:
+            ctx.ema.update(ctx.model.module if hasattr(ctx.model, "module") else ctx.model, step=step)
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float() * len(images)
+        seen += len(images)
+        if progress_bar is not None and (i % 10 == 0 or i == steps_per_epoch - 1):
+            current = float(loss.detach())  # syncs the device; only every few steps
+            _check_finite(current, epoch, i)
+            rate = seen * ctx.env.world_size / (time.perf_counter() - start)
+            progress_bar.set_postfix(loss=f"{current:.3f}", lr=f"{ctx.optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}")
+        if progress_bar is not None:
+            progress_bar.update(1)
+    elapsed = time.perf_counter() - start
+    names = sorted(sums)
+    totals = all_reduce_sum(torch.stack([sums[n] for n in names] + [torch.tensor(float(seen), device=ctx.env.device)]), ctx.env)
+    metrics = {f"loss_{n}" if n != "loss" else "loss": float(totals[j] / totals[-1]) for j, n in enumerate(names)}
+    _check_finite(metrics["loss"], epoch, steps_per_epoch - 1)
+    metrics["lr"] = ctx.optimizer.param_groups[0]["lr"]
+    metrics["ckf_ratio"] = ckf_ratio(step / total_steps, ctx.decay)
+    metrics["images_per_s"] = float(totals[-1]) / elapsed
+    return metrics
+
+
+def _check_finite(value: float, epoch: int, step: int) -> None:
+    if not math.isfinite(value):
+        raise DivergedError(
+            f"training diverged: the loss is {value} at epoch {epoch + 1}, step {step + 1}; the last good "
+            "checkpoint is kept; lower train.lr or set train.clip_grad=1.0 and resume"
+        )
+
+
+STUDENT_HEADS = ("cls", "dist", "dense", "fused")
+TEACHER_HEADS = ("global", "dense")
+
+
+def head_logits(model: nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Logits of every head of a student wrapper or teacher wrapper."""
+    from cskd.models import DenseTeacher
+
+    if isinstance(model, DenseTeacher):
+        dense, global_logits = model(images)
+        return {"global": global_logits, "dense": dense.mean(dim=(2, 3))}
+    out = model.forward_heads(images)
+    return {"cls": out.cls, "dist": out.dist, "dense": out.dense.mean(dim=(2, 3)), "fused": out.fused()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    norm: Normalization,
+    env: DistEnv,
+    amp_dtype: Optional[torch.dtype] = None,
+    progress_bar: Optional[object] = None,
+) -> Dict[str, Dict[str, float]]:
+    """Top-1 and top-5 accuracy (percent) of every head, summed over all processes."""
+    model.eval()
+    correct: Dict[str, torch.Tensor] = {}
+    count = torch.zeros((), device=env.device)
+    for images, targets in loader:
+        images, targets = images.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
+        with autocast(env.device, amp_dtype):
+            logits = head_logits(model, norm(images))
+        for head, z in logits.items():
+            k = min(5, z.shape[1])
+            top = z.float().topk(k, dim=1).indices
+            hits = top.eq(targets[:, None])
+            pair = torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float()
+            correct[head] = correct.get(head, 0) + pair
+        count += len(targets)
+        if progress_bar is not None:
+            progress_bar.update(1)
+    heads = list(correct)
+    totals = all_reduce_sum(torch.stack([correct[h] for h in heads] + [count.expand(2)]), env)
+    n = float(totals[-1][0])
+    return {
+        "top1": {h: 100.0 * float(totals[j][0]) / n for j, h in enumerate(heads)},
+        "top5": {h: 100.0 * float(totals[j][1]) / n for j, h in enumerate(heads)},
+        "count": int(n),
+    }

@@ -1,0 +1,16 @@
+"""Teacher and student models, and head fusion for deployment."""
+
+from cskd.models import zoo  # noqa: F401  (registers the demo architectures with timm)
+from cskd.models.fusion import FusedStudent, fuse_heads
+from cskd.models.student import DistilledStudent, StudentOutput, create_student
+from cskd.models.teacher import DenseTeacher, create_teacher
+
+__all__ = [
+    "DenseTeacher",
+    "DistilledStudent",
+    "FusedStudent",
+    "StudentOutput",
+    "create_student",
+    "create_teacher",
+    "fuse_heads",
+]

@@ -1,0 +1,1 @@
+"""cskd.export: turn a trained student (or teacher) into a deployable model package."""

@@ -1,0 +1,1 @@
+"""cskd.serve: the HTTP inference service for cskd model packages."""
