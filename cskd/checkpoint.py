@@ -69,10 +69,17 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_weights(path: Path, state_dict: Dict[str, torch.Tensor], spec: ModelSpec, info: Dict[str, Any] | None = None) -> None:
@@ -140,14 +147,17 @@ def _read_foreign(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def _load_strict(model: nn.Module, tensors: Dict[str, torch.Tensor], path: Path, arch: str) -> None:
-    result = model.load_state_dict(tensors, strict=False)
-    mismatched = [k for k, v in tensors.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
-    if result.missing_keys or result.unexpected_keys or mismatched:
-        first = (result.missing_keys or result.unexpected_keys or mismatched)[0]
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    mismatched = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        first = (mismatched or missing or unexpected)[0]
         raise CSKDError(
-            f"{path} does not fit {arch!r}: {len(result.missing_keys)} missing, {len(result.unexpected_keys)} "
-            f"unexpected, {len(mismatched)} mis-shaped tensors (first: {first}); pass a checkpoint of this architecture"
+            f"{path} does not fit {arch!r}: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(mismatched)} mis-shaped tensors (first: {first}); pass a checkpoint of this architecture and class count"
         )
+    model.load_state_dict(tensors)
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path, role: str, expect_model: str) -> Optional[ModelSpec]:

@@ -15,7 +15,7 @@ examples:
   cskd train                                    # CSKD on the embedded Fashion-MNIST demo (packaged teacher)
   cskd train train.epochs=2 output=runs/quick   # any config key as key=value
   cskd train --config my.yaml loss.cskd_type=none        # DeiT distillation baseline
-  cskd train --config cskd/configs/teacher-demo.yaml     # train a CNN teacher (no distillation)
+  cskd train --config teacher-demo              # train the demo CNN teacher (no distillation)
   cskd train --resume runs/quick train.epochs=4          # continue a run (longer schedule)
   torchrun --nproc-per-node 2 -m cskd train ...          # data-parallel on 2 processes
 
@@ -43,7 +43,7 @@ def _add_train(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a DeiT student from a CNN teacher with Cumulative Spatial Knowledge Distillation.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides with dotted keys")
-    p.add_argument("--config", type=Path, help="YAML config (default: the packaged demo config)")
+    p.add_argument("--config", type=Path, help="YAML file, or a packaged config by name: demo (default), teacher-demo")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last epoch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=_cmd_train)

@@ -23,9 +23,12 @@ class DataConfig:
     path: Optional[str] = None  # IDX folder (fashion-mnist) or root with train/ and val/ (imagefolder)
     channels: Optional[int] = None  # imagefolder: 1 (grayscale) or 3; IDX data is always 1
     workers: int = 2  # DataLoader worker processes per training process
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null disables
+    max_train: Optional[int] = None  # use a fixed random subset of this many training images
+    max_val: Optional[int] = None  # likewise for validation (quick experiments, tests)
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec (DeiT's); null disables
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     hflip: float = 0.5
+    color_jitter: float = 0.3  # brightness/contrast/saturation jitter when auto_augment is off (DeiT)
     reprob: float = 0.25  # random erasing probability
     mixup: float = 0.8  # mixup alpha; 0 disables
     cutmix: float = 1.0  # cutmix alpha; 0 disables
@@ -123,7 +126,10 @@ _RANGES = {
     "loss.cskd_weight": (0, 1e3, True),
     "loss.tau": (0, 1e3, False),
     "data.workers": (0, 256, True),
+    "data.max_train": (1, 1 << 40, True),
+    "data.max_val": (1, 1 << 40, True),
     "data.hflip": (0, 1, True),
+    "data.color_jitter": (0, 10, True),
     "data.reprob": (0, 1, True),
     "data.mixup": (0, 1e3, True),
     "data.cutmix": (0, 1e3, True),
@@ -161,6 +167,9 @@ def _set(cfg: Config, key: str, value: Any) -> None:
         raise CSKDError(f"{key} takes a mapping, e.g. {key}={{depth: 4}}; got {value!r}")
     if isinstance(default, bool) and not isinstance(value, bool):
         raise CSKDError(f"{key} takes true or false, got {value!r}")
+    annotation = str(next(f.type for f in dataclasses.fields(target) if f.name == leaf))
+    if isinstance(value, str) and ("float" in annotation or "int" in annotation) and _is_number(value):
+        value = float(value)  # YAML 1.1 reads "1e-3" as a string
     if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise CSKDError(f"{key} takes a number, got {value!r}")
@@ -168,6 +177,14 @@ def _set(cfg: Config, key: str, value: Any) -> None:
             raise CSKDError(f"{key} takes a whole number, got {value!r}")
         value = type(default)(value)
     setattr(target, leaf, value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity")
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -197,12 +214,20 @@ def packaged_config(name: str) -> Path:
     return Path(str(resources.files("cskd") / "configs" / f"{name}.yaml"))
 
 
+def packaged_names() -> List[str]:
+    return sorted(p.name[:-5] for p in resources.files("cskd").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
     """Build a validated :class:`Config` from a YAML file (or the packaged demo) and overrides."""
     cfg = Config()
     path = Path(path) if path is not None else packaged_config("demo")
+    if not path.is_file() and packaged_config(str(path)).is_file():
+        path = packaged_config(str(path))  # a packaged config by name: `--config teacher-demo`
     if not path.is_file():
-        raise CSKDError(f"config file {path} does not exist; pass an existing YAML file to --config")
+        raise CSKDError(
+            f"config file {path} does not exist; pass a YAML file or a packaged config ({', '.join(packaged_names())})"
+        )
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -230,6 +255,13 @@ def validate(cfg: Config) -> None:
         if not ok:
             bracket = "[" if inclusive else "("
             raise CSKDError(f"{key}={value} is out of range {bracket}{low}, {high}]; choose a value inside it")
+    for section in ("student", "teacher"):
+        for key in getattr(cfg, section).kwargs:
+            if not str(key).isidentifier():
+                raise CSKDError(
+                    f"{section}.kwargs has a key {key!r} that is not an argument name; write YAML mappings with a "
+                    "space after each colon, e.g. {depth: 4, embed_dim: 96}"
+                )
     if len(cfg.data.scale) != 2 or not 0 < cfg.data.scale[0] <= cfg.data.scale[1] <= 1:
         raise CSKDError(f"data.scale={cfg.data.scale} must be [low, high] with 0 < low <= high <= 1")
     if cfg.data.name == "imagefolder" and not cfg.data.path:

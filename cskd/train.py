@@ -67,9 +67,11 @@ def resolve_teacher_checkpoint(value: str) -> Path:
 def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Tuple[DataLoader, DataLoader, DatasetInfo]:
     _, info = build_dataset(cfg.data.name, "val", cfg.data.path, cfg.data.channels)
     d = cfg.data
-    train_tf = train_transform(img_size, info.channels, d.auto_augment, d.scale, d.hflip, d.reprob, d.interpolation)
+    train_tf = train_transform(img_size, info.channels, d.auto_augment, d.scale, d.hflip, d.reprob, d.interpolation,
+                               d.color_jitter)
     train_set, _ = build_dataset(d.name, "train", d.path, d.channels, train_tf)
     val_set, _ = build_dataset(d.name, "val", d.path, d.channels, eval_transform(img_size, info.channels, d.interpolation))
+    train_set, val_set = _limit(train_set, d.max_train), _limit(val_set, d.max_val)
     global_batch = cfg.train.batch_size * env.world_size
     if len(train_set) < global_batch:
         raise CSKDError(
@@ -82,6 +84,14 @@ def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Tuple[DataLoader,
     train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(_shard(val_set, env), batch_size=max(cfg.train.batch_size, 64), shuffle=False, **common)
     return train_loader, val_loader, info
+
+
+def _limit(dataset: Dataset, count: Optional[int]) -> Dataset:
+    """A fixed random subset (the same for every seed and process), or the whole set."""
+    if count is None or count >= len(dataset):
+        return dataset
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count].sort().values
+    return torch.utils.data.Subset(dataset, keep.tolist())
 
 
 def _shard(dataset: Dataset, env: DistEnv) -> Dataset:
@@ -192,12 +202,16 @@ def default_output(cfg: Config) -> str:
     return str(Path("runs") / f"{cfg.train.target}-{datetime.now():%Y%m%d-%H%M%S}")
 
 
-def prepare_run_dir(cfg: Config, resume: bool) -> Path:
+def prepare_run_dir(cfg: Config, resume: bool, create: bool = True) -> Path:
     run = Path(cfg.output)
     if not resume and (run / STATE).exists():
         raise CSKDError(
             f"{run} already holds a run; continue it with `cskd train --resume {run}` or set output=ANOTHER_DIR"
         )
+    if resume and not (run / STATE).exists():
+        raise CSKDError(f"{run} has no {STATE} to resume from (the run never finished an epoch); start it anew")
+    if not create:
+        return run
     try:
         run.mkdir(parents=True, exist_ok=True)
         probe = run / ".write-test"
@@ -213,17 +227,18 @@ def append_metrics(run: Path, record: Dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(run: Path, before_epoch: Optional[int] = None) -> List[Dict[str, Any]]:
+def read_metrics(run: Path, up_to_epoch: Optional[int] = None) -> List[Dict[str, Any]]:
+    """The rows of metrics.jsonl, optionally only those of epochs 1..up_to_epoch."""
     path = run / "metrics.jsonl"
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if before_epoch is None or r["epoch"] <= before_epoch]
+    return [r for r in rows if up_to_epoch is None or r["epoch"] <= up_to_epoch]
 
 
-def truncate_metrics(run: Path, last_epoch: int) -> None:
+def truncate_metrics(run: Path, completed_epochs: int) -> None:
     """Drop lines of epochs after the resumed checkpoint (a crash may have logged them)."""
-    rows = read_metrics(run, last_epoch)
+    rows = read_metrics(run, completed_epochs)
     from cskd.checkpoint import atomic_write
 
     atomic_write(run / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
@@ -274,7 +289,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> RunR
             torch.set_num_threads(cfg.train.threads)
         if cfg.output is None:
             cfg.output = default_output(cfg)
-        run = prepare_run_dir(cfg, resume) if env.is_main else Path(cfg.output)
+        run = prepare_run_dir(cfg, resume, create=env.is_main)  # every rank checks, so all fail alike
         barrier(env)
         seed_everything(cfg.train.seed)
         img_size = (cfg.teacher.img_size or cfg.student.img_size) if cfg.train.target == "teacher" else cfg.student.img_size
@@ -313,7 +328,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> RunR
                 ema.load_state_dict(state["ema"])
             start_epoch, best_top1, best_epoch = state["epoch"] + 1, state["best_top1"], state["best_epoch"]
             if env.is_main:
-                truncate_metrics(run, state["epoch"])
+                truncate_metrics(run, state["epoch"] + 1)
         if env.is_main:
             save_config(cfg, run / "config.yaml")
         train_model: nn.Module = model

@@ -20,8 +20,13 @@ def train_transform(
     hflip: float,
     reprob: float,
     interpolation: str = "bicubic",
+    color_jitter: float = 0.0,
 ) -> Callable:
     identity = dict(mean=(0.0,) * channels, std=(1.0,) * channels)
+    if auto_augment and auto_augment.startswith("rand") and "inc1" in auto_augment and "mmax" not in auto_augment:
+        # At magnitude 10 timm's PosterizeIncreasing keeps 0 bits, which Pillow >= 13 rejects;
+        # capping at 9 keeps 1 bit and leaves every other op as good as unchanged.
+        auto_augment += "-mmax9"
     return create_transform(
         input_size=(channels, img_size, img_size),
         is_training=True,
@@ -30,6 +35,7 @@ def train_transform(
         hflip=hflip,
         re_prob=reprob,
         re_mode="const",
+        color_jitter=color_jitter or None,  # timm applies it only when auto_augment is off
         interpolation=interpolation,
         **identity,
     )

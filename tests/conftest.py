@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny models and quick configs so the suite runs on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cskd.models  # noqa: F401  (registers the demo architectures)
+
+torch.set_num_threads(2)
+
+# A one-block student: same code path as any distilled DeiT, a fraction of the cost.
+TINY_STUDENT = dict(embed_dim=32, depth=1, num_heads=2)
+
+
+@pytest.fixture
+def tiny_student():
+    from cskd.models import create_student
+
+    torch.manual_seed(0)
+    return create_student("cskd_deit_nano_distilled_patch4_32", 10, img_size=32, patch_size=4, in_chans=1, **TINY_STUDENT)
+
+
+def quick_overrides(tmp_path, **extra) -> list[str]:
+    """Overrides for a few-second CSKD run on the embedded data with the packaged teacher."""
+    values = {
+        "output": str(tmp_path / "run"),
+        "data.max_train": 256,
+        "data.max_val": 128,
+        "data.workers": 0,
+        "train.epochs": 2,
+        "train.batch_size": 32,
+        "train.warmup_epochs": 0,
+        "student.kwargs": "{embed_dim: 32, depth: 1, num_heads: 2}",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]

@@ -1,0 +1,114 @@
+"""The command line end to end, as a user runs it: train, eval, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import save_file
+import torch
+
+from cskd.checkpoint import file_sha256
+from tests.conftest import quick_overrides
+
+
+def cskd(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cskd", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_lists_commands_with_examples():
+    top = cskd("--help")
+    assert top.returncode == 0 and "train" in top.stdout and "eval" in top.stdout
+    sub = cskd("train", "--help")
+    assert "examples:" in sub.stdout and "loss.cskd_type" in sub.stdout
+
+
+@pytest.mark.slow
+def test_train_eval_resume_round_trip(tmp_path):
+    args = quick_overrides(tmp_path)
+    trained = cskd("train", "--no-progress", *args)
+    assert trained.returncode == 0, trained.stderr
+    assert "best val top-1 (fused)" in trained.stdout and "next: cskd eval" in trained.stdout
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+
+    evaluated = cskd("eval", str(run), "--no-progress", "--json", str(tmp_path / "eval.json"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert set(result["top1"]) == {"cls", "dist", "dense", "fused"}
+    # eval sees the whole validation split; the run validated on a 128-image subset
+    assert result["count"] == 2000
+    assert all(result["top1"][h] <= result["top5"][h] for h in result["top1"])
+    assert "fused" in evaluated.stdout and "top-5" in evaluated.stdout
+
+    resumed = cskd("train", "--no-progress", "--resume", str(run), "train.epochs=3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at epoch 3" in resumed.stdout
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_eval_matches_the_training_time_validation(tmp_path):
+    args = quick_overrides(tmp_path, **{"data.max_val": 2000, "train.epochs": 1})
+    assert cskd("train", "--no-progress", *args).returncode == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    evaluated = cskd("eval", str(tmp_path / "run" / "last.safetensors"), "--no-progress")
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    for head in ("cls", "dist", "dense", "fused"):
+        assert result["top1"][head] == pytest.approx(metrics[f"val_top1_{head}"], abs=1e-9), evaluated.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["train", "train.lrr=0.1"], ["unknown config key 'train.lrr'", "did you mean: train.lr"]),
+        (["train", "student.model=deit_tiny_distiled_patch16_224"], ["unknown student model", "deit_tiny_distilled_patch16_224"]),
+        (["train", "teacher.model=resnet_18", "train.target=teacher"], ["unknown teacher model", "resnet18"]),
+        (["train", "data.name=fashion-mnist", "data.path=/nonexistent/fm"], ["/nonexistent/fm", "set data.path"]),
+        (["train", "train.lr=5"], ["train.lr=5.0 is out of range"]),
+        (["train", "--config", "/nonexistent.yaml"], ["does not exist"]),
+        (["eval", "/nonexistent/run"], ["does not exist"]),
+        (["train", "--resume", "/nonexistent/run"], ["not a run directory"]),
+    ],
+)
+def test_bad_input_gives_one_line_and_a_nonzero_exit(tmp_path, args, fragments):
+    assert_one_line_error(cskd(*args, f"output={tmp_path / 'out'}" if args[0] == "train" and "--resume" not in args else "--no-progress"), *fragments)
+
+
+def test_teacher_of_another_class_count_is_refused(tmp_path):
+    from cskd.checkpoint import ModelSpec, save_weights
+    from cskd.models import create_teacher
+
+    teacher = create_teacher("cskd_resnet_micro", 5, 1)
+    save_weights(tmp_path / "t.safetensors", teacher.model.state_dict(), ModelSpec("teacher", "cskd_resnet_micro", 5, 1, 32))
+    proc = cskd("train", f"teacher.checkpoint={tmp_path / 't.safetensors'}", f"output={tmp_path / 'out'}")
+    assert_one_line_error(proc, "predicts 5 classes but the data has 10")
+
+
+def test_corrupted_and_foreign_checkpoints_are_refused(tmp_path):
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "foreign.safetensors"))
+    assert_one_line_error(cskd("eval", str(tmp_path / "foreign.safetensors")), "not a cskd checkpoint")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert_one_line_error(cskd("eval", str(tmp_path / "broken.safetensors")), "corrupted")
+
+
+def test_existing_run_is_left_intact(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.state.pt").write_bytes(b"state")
+    (run / "best.safetensors").write_bytes(b"weights")
+    before = file_sha256(run / "best.safetensors")
+    assert_one_line_error(cskd("train", f"output={run}"), "already holds a run", "--resume")
+    assert file_sha256(run / "best.safetensors") == before

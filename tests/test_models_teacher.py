@@ -1,0 +1,68 @@
+"""DenseTeacher: dense logits are the head applied per cell; their mean is the global logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cskd.errors import CSKDError
+from cskd.models import create_teacher
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, size, grid",
+    [
+        ("cskd_resnet_micro", {"output_stride": 8}, 32, 4),
+        ("regnetx_002", {}, 64, 2),
+    ],
+)
+def test_dense_mean_equals_global_for_pool_linear_heads(name, kwargs, size, grid):
+    torch.manual_seed(0)
+    teacher = create_teacher(name, num_classes=7, in_chans=3, **kwargs)
+    dense, global_logits = teacher(torch.randn(3, 3, size, size))
+    assert dense.shape == (3, 7, grid, grid)
+    assert torch.allclose(dense.mean(dim=(2, 3)), global_logits, atol=1e-5)
+
+
+def test_dense_logits_are_the_classifier_at_each_cell():
+    torch.manual_seed(0)
+    teacher = create_teacher("cskd_resnet_micro", num_classes=5, in_chans=1, output_stride=8)
+    x = torch.randn(2, 1, 32, 32)
+    features = teacher.model.forward_features(x)
+    fc = teacher.model.fc
+    expected = torch.einsum("nchw,kc->nkhw", features, fc.weight) + fc.bias[None, :, None, None]
+    dense, _ = teacher(x)
+    assert torch.allclose(dense, expected, atol=1e-5)
+
+
+def test_pre_logits_norm_is_applied_per_cell():
+    # ConvNeXt's head normalises the pooled features (LayerNorm) before its classifier: per cell,
+    # the norm runs over the channels of that cell alone.
+    torch.manual_seed(0)
+    teacher = create_teacher("convnext_atto", num_classes=4, in_chans=3)
+    x = torch.randn(1, 3, 64, 64)
+    features = teacher.model.forward_features(x)
+    head = teacher.model.head
+    cells = features.permute(0, 2, 3, 1)  # [N,H,W,C]
+    normed = torch.nn.functional.layer_norm(cells, (cells.shape[-1],), head.norm.weight, head.norm.bias, head.norm.eps)
+    expected = (normed @ head.fc.weight.T + head.fc.bias).permute(0, 3, 1, 2)
+    dense, global_logits = teacher(x)
+    assert torch.allclose(dense, expected, atol=1e-4)
+    assert global_logits.shape == (1, 4)
+
+
+def test_teacher_is_frozen_and_in_eval_mode():
+    teacher = create_teacher("cskd_resnet_micro", num_classes=3, in_chans=1)
+    assert not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_non_cnn_teacher_is_refused_with_a_clear_message():
+    teacher = create_teacher("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8)
+    with pytest.raises(CSKDError, match="CNN teacher"):
+        teacher(torch.randn(1, 3, 32, 32))
+
+
+def test_unknown_teacher_name_suggests_close_matches():
+    with pytest.raises(CSKDError, match="did you mean.*resnet18"):
+        create_teacher("resnet_18", num_classes=3)

@@ -1,0 +1,135 @@
+"""Training for real on the embedded data: loss falls, resume is exact, DDP matches one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cskd.engine
+from cskd.checkpoint import file_sha256, load_model
+from cskd.config import load_config
+from cskd.errors import CSKDError
+from cskd.models import create_teacher
+from cskd.train import read_metrics, train
+from tests.conftest import quick_overrides
+
+# No randomness from augmentation, so runs compare exactly.
+PLAIN = {"data.auto_augment": "null", "data.scale": "[1.0, 1.0]", "data.hflip": 0, "data.reprob": 0, "data.color_jitter": 0}
+
+
+def run(tmp_path, name="run", **extra):
+    cfg = load_config(None, quick_overrides(tmp_path, output=str(tmp_path / name), **extra))
+    return train(cfg, show_progress=False)
+
+
+@pytest.mark.slow
+def test_cskd_training_makes_the_loss_fall(tmp_path):
+    result = run(tmp_path, **{"train.epochs": 4, "train.lr": 0.1, "data.max_train": 512, **PLAIN})
+    rows = read_metrics(result.run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    losses = [r["loss"] for r in rows]
+    assert all(a > b for a, b in zip(losses, losses[1:])), losses  # falls every epoch
+    assert losses[-1] < 0.85 * losses[0]
+    assert rows[-1]["val_top1_fused"] > 15.0  # chance is 10%
+    assert {"loss_base", "loss_deit", "loss_cskd", "lr", "ckf_ratio", "images_per_s", "val_top1_fused"} <= set(rows[0])
+    # linear CKF: r = 1 - progress at the end of each epoch
+    assert [round(r["ckf_ratio"], 6) for r in rows] == [0.75, 0.5, 0.25, 0.0]
+    assert (result.run_dir / "curves.png").stat().st_size > 10_000
+    assert {"config.yaml", "metrics.jsonl", "best.safetensors", "last.safetensors", "last.state.pt"} <= {
+        p.name for p in result.run_dir.iterdir()}
+
+
+def _crash_at_step(monkeypatch, step: int):
+    calls = {"n": 0}
+    original = cskd.engine._loss_parts
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt  # as if the machine went away mid-epoch
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cskd.engine, "_loss_parts", crashing)
+
+
+@pytest.mark.slow
+def test_resume_after_a_mid_epoch_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    extra = {"train.epochs": 3, "data.max_train": 128}  # 4 steps per epoch, augmentation on
+    reference = run(tmp_path, "reference", **extra)
+    _crash_at_step(monkeypatch, 4 * 1 + 2)  # during epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "crashed", **extra)
+    monkeypatch.undo()
+    assert [r["epoch"] for r in read_metrics(tmp_path / "crashed")] == [1]
+    cfg = load_config(tmp_path / "crashed" / "config.yaml")
+    resumed = train(cfg, resume=True, show_progress=False)
+    a, b = load_file(reference.run_dir / "last.safetensors"), load_file(resumed.run_dir / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in rows]  # noqa: E731
+    assert strip(read_metrics(resumed.run_dir)) == strip(read_metrics(reference.run_dir))
+
+
+@pytest.mark.slow
+def test_diverging_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    first = run(tmp_path, "r", **{"train.epochs": 1})
+    digest = file_sha256(first.run_dir / "last.safetensors")
+    original = cskd.engine._loss_parts
+
+    def nan_loss(*args, **kwargs):
+        parts = original(*args, **kwargs)
+        parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(cskd.engine, "_loss_parts", nan_loss)
+    cfg = load_config(first.run_dir / "config.yaml", ["train.epochs=2"])
+    with pytest.raises(CSKDError, match="training diverged: the loss is nan at epoch 2"):
+        train(cfg, resume=True, show_progress=False)
+    assert file_sha256(first.run_dir / "last.safetensors") == digest
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.state.pt").write_bytes(b"precious")
+    with pytest.raises(CSKDError, match="already holds a run; continue it with `cskd train --resume"):
+        run(tmp_path)
+    assert (tmp_path / "run" / "last.state.pt").read_bytes() == b"precious"
+
+
+@pytest.mark.slow
+def test_teacher_training_writes_a_loadable_teacher(tmp_path):
+    result = run(tmp_path, "teacher", **{"train.target": "teacher", "train.epochs": 1, "teacher.kwargs": "{output_stride: 8}",
+                                         "teacher.checkpoint": "null"})
+    _, spec, _ = load_model(result.run_dir)
+    assert spec.role == "teacher" and spec.kwargs == {"output_stride": 8}
+    teacher = create_teacher(spec.model, 10, 1, checkpoint=result.run_dir, **spec.kwargs)
+    dense, global_logits = teacher(torch.rand(2, 1, 32, 32))
+    assert dense.shape == (2, 10, 4, 4) and global_logits.shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(tmp_path):
+    """gloo, 2 CPU processes x batch 8 against 1 process x batch 16, SGD (linear in the gradients).
+
+    Both see the same images per step (one DistributedSampler permutation); the only difference
+    is float summation order in the gradient all-reduce, so weights agree to 1e-5.
+    """
+    common = {**PLAIN, "train.opt": "sgd", "train.lr": 0.05, "train.epochs": 2, "data.max_train": 64, "train.threads": 1}
+    args = quick_overrides(tmp_path, output=str(tmp_path / "ddp"), **{**common, "train.batch_size": 8})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+         "-m", "cskd", "train", "--no-progress", *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = run(tmp_path, "single", **{**common, "train.batch_size": 16})
+    a, b = load_file(tmp_path / "ddp" / "last.safetensors"), load_file(single.run_dir / "last.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    ddp_rows, single_rows = read_metrics(tmp_path / "ddp"), read_metrics(single.run_dir)
+    assert [r["loss"] for r in ddp_rows] == pytest.approx([r["loss"] for r in single_rows], rel=1e-5)
+    assert [r["val_top1_fused"] for r in ddp_rows] == [r["val_top1_fused"] for r in single_rows]
