@@ -65,6 +65,127 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+EXPORT_EXAMPLES = """\
+examples:
+  cskd export runs/demo                                  # fp32 ONNX package in runs/demo/export-onnx-fp32
+  cskd export runs/demo --precision int8                 # onnxruntime static int8 (QDQ), calibrated
+  cskd export runs/demo --input uint8 --out models/demo  # clients send raw pixels
+  cskd export runs/demo --teacher                        # the teacher the run distilled from
+  cskd export runs/demo --format trt --precision fp16    # TensorRT engine (CUDA machine)
+"""
+
+PREDICT_EXAMPLES = """\
+examples:
+  cskd predict runs/demo/export-onnx-fp32 shirt.png boot.jpg
+  cskd predict models/demo *.png --top-k 3 --json predictions.json
+"""
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="fuse the heads and export to ONNX or TensorRT, with a parity gate",
+                       epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Export a checkpoint as a model package (engine + model.json), checked against PyTorch on real images.")
+    p.add_argument("source", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--format", default="onnx", help="onnx (default) or trt")
+    p.add_argument("--precision", default="fp32", help="fp32 (default), fp16 or int8")
+    p.add_argument("--input", dest="input_kind", default="float", help="float: normalised tensors (default); uint8: raw pixels")
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch the engine serves (TensorRT profile)")
+    p.add_argument("--probabilities", action="store_true", help="add a softmax output beside the logits")
+    p.add_argument("--out", type=Path, help="package folder (default: RUN/export-FORMAT-PRECISION)")
+    p.add_argument("--teacher", action="store_true", help="export the teacher the student run distilled from")
+    p.add_argument("--no-gate", action="store_true", help="keep the package even when parity fails (recorded in model.json)")
+    p.add_argument("--parity-images", type=int, default=500)
+    p.add_argument("--calib-images", type=int, default=512, help="training images for int8 calibration")
+    p.add_argument("--data", help="data set for parity and calibration (default: the run's)")
+    p.add_argument("--data-path")
+    p.add_argument("--force", action="store_true", help="replace an existing package folder")
+    p.set_defaults(func=_cmd_export)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="top-k labels for image files through an exported model",
+                       epilog=PREDICT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Classify image files with a model package (no torch needed for ONNX packages).")
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch"), help="default: the package's own")
+    p.add_argument("--json", type=Path, help="also write the predictions as JSON")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cskd.export.exporter import ExportOptions, export_model
+
+    options = ExportOptions(
+        format=args.format, precision=args.precision, input_kind=args.input_kind, max_batch=args.max_batch,
+        probabilities=args.probabilities, out=args.out, teacher=args.teacher, gate=not args.no_gate,
+        parity_images=args.parity_images, calib_images=args.calib_images, data=args.data, data_path=args.data_path,
+        force=args.force,
+    )
+    export_model(args.source, options)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from cskd.serve.predict import format_predictions, predict_files
+
+    if args.top_k < 1:
+        raise CSKDError(f"--top-k must be at least 1, got {args.top_k}")
+    results = predict_files(args.model_dir, args.images, args.top_k, args.backend)
+    print(format_predictions(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+BENCH_EXAMPLES = """\
+examples:
+  cskd bench runs/demo/export-onnx-int8 --teacher runs/demo/export-teacher-onnx-fp32
+  cskd bench S-fp32 S-fp16 S-int8 --teacher T --batch-sizes 1 8 32 --out bench/
+  cskd bench runs/demo --teacher runs/teacher --quick --expect-speedup 3 --max-accuracy-drop 5   # a CI gate
+"""
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="deployed students against the teacher: latency, throughput, accuracy",
+                       epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Benchmark model packages (run directories are exported first) against a teacher package.")
+    p.add_argument("students", type=Path, nargs="+", metavar="STUDENT")
+    p.add_argument("--teacher", type=Path, required=True, metavar="TEACHER", help="teacher package or run directory")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch"), help="default: each package's own")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--iters", type=int, default=20, help="timed calls per model, batch size and round")
+    p.add_argument("--eval-images", type=int, default=2000, help="validation images for top-1")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--quick", action="store_true", help="2 rounds of 5 calls, 500 images: a smoke test")
+    p.add_argument("--expect-speedup", type=float, help="fail unless every student is this many times faster")
+    p.add_argument("--max-accuracy-drop", type=float, help="fail when a student loses more top-1 points than this")
+    p.add_argument("--data", help="data set for top-1 (default: the run's)")
+    p.add_argument("--data-path")
+    p.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json and the plots")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from cskd.bench import BenchOptions, format_table, run_bench
+
+    options = BenchOptions(batch_sizes=args.batch_sizes, backend=args.backend, rounds=args.rounds, iters=args.iters,
+                           eval_images=args.eval_images, threads=args.threads, data=args.data, data_path=args.data_path,
+                           expect_speedup=args.expect_speedup, max_accuracy_drop=args.max_accuracy_drop, out=args.out)
+    if args.quick:
+        options.rounds, options.iters, options.warmup, options.eval_images = 2, 5, 2, 500
+    result = run_bench(args.students, args.teacher, options)
+    print(format_table(result))
+    print(f"wrote {args.out / 'bench.json'}, {', '.join(result['plots'])}")
+    for failure in result["failures"]:
+        print(f"cskd bench: gate failed: {failure}", file=sys.stderr)
+    return 1 if result["failures"] else 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from cskd.config import load_config
 
@@ -105,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
     _add_eval(sub)
+    _add_export(sub)
+    _add_predict(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -29,7 +29,6 @@ def run_eval(
     workers: int = 2,
     show_progress: bool = True,
 ) -> Dict[str, Any]:
-    import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 

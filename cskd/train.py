@@ -9,7 +9,6 @@ A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one line pe
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -23,7 +22,16 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cskd.checkpoint import BEST, LAST, ModelSpec, load_state, read_safetensors, save_state, save_weights, FORMAT
+from cskd.checkpoint import (
+    BEST,
+    FORMAT,
+    LAST,
+    ModelSpec,
+    load_state,
+    read_safetensors,
+    save_state,
+    save_weights,
+)
 from cskd.config import Config, save_config
 from cskd.data.datasets import DatasetInfo, build_dataset
 from cskd.data.transforms import eval_transform, train_transform
@@ -173,8 +181,8 @@ def build_criterion(cfg: Config, mixup_on: bool) -> nn.Module:
         base = nn.CrossEntropyLoss()
     if cfg.train.target == "teacher":
         return base
-    l = cfg.loss
-    return CSKDLoss(base, l.alpha, l.deit_type, l.cskd_type, l.cskd_weight, l.decay, l.tau)
+    loss = cfg.loss
+    return CSKDLoss(base, loss.alpha, loss.deit_type, loss.cskd_type, loss.cskd_weight, loss.decay, loss.tau)
 
 
 def build_mixup(cfg: Config, num_classes: int):
@@ -278,8 +286,8 @@ def _eval_view(model: nn.Module, target: str) -> nn.Module:
 
 def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> RunResult:
     """Train according to ``cfg``; with ``resume`` continue the run in ``cfg.output``."""
-    from timm.scheduler import create_scheduler_v2
     from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
     from tqdm import tqdm
 
     started = time.perf_counter()

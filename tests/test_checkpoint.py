@@ -9,7 +9,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from cskd.checkpoint import ModelSpec, atomic_write, load_model, load_weights, save_weights
+from cskd.checkpoint import (
+    ModelSpec,
+    atomic_write,
+    load_model,
+    load_weights,
+    save_weights,
+)
 from cskd.errors import CSKDError
 from cskd.models import create_teacher
 

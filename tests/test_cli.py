@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import save_file
 import torch
+from safetensors.torch import save_file
 
 from cskd.checkpoint import file_sha256
 from tests.conftest import quick_overrides

@@ -1,0 +1,223 @@
+"""``cskd bench``: deployed students against their teacher: latency, throughput, accuracy, speedup.
+
+Every model is timed on the same real images after a warm-up, with models interleaved round by
+round so that drift of a noisy machine hits all of them alike. Reports p50/p90/p99 latency and
+throughput per batch size, top-1 on the validation split, the speedup over the teacher, and
+optionally fails (non-zero exit) when a student is too slow or too inaccurate.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from cskd.errors import CSKDError
+
+
+@dataclass
+class BenchOptions:
+    batch_sizes: Sequence[int] = (1, 8)
+    backend: Optional[str] = None  # default: each package's own
+    rounds: int = 5
+    iters: int = 20  # timed calls per model, batch size and round
+    warmup: int = 5
+    eval_images: int = 2000
+    threads: Optional[int] = None
+    data: Optional[str] = None
+    data_path: Optional[str] = None
+    expect_speedup: Optional[float] = None
+    max_accuracy_drop: Optional[float] = None
+    out: Path = Path("bench")
+
+
+@dataclass
+class Entry:
+    label: str
+    role: str
+    folder: Path
+    backend: object
+    package: object
+    latencies: Dict[int, List[float]] = field(default_factory=dict)  # batch -> seconds per call
+    top1: Optional[float] = None
+
+
+def resolve_package(path: Path, log: Callable[[str], None]) -> Path:
+    """A model package folder, or a run directory / checkpoint exported to fp32 ONNX on the fly."""
+    from cskd.export.package import MODEL_JSON
+
+    path = Path(path)
+    if (path / MODEL_JSON).is_file():
+        return path
+    from cskd.export.exporter import ExportOptions, default_out, export_model
+
+    options = ExportOptions()
+    out = default_out(path, options)
+    if (out / MODEL_JSON).is_file():
+        return out
+    log(f"{path} is not a model package: exporting it to {out}")
+    return export_model(path, options, log)[0]
+
+
+def _percentile(values: List[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def measure(entries: List[Entry], feeds: Dict[str, Dict[int, np.ndarray]], options: BenchOptions, progress) -> None:
+    """Warm every model up, then time ``iters`` calls per model, batch size and round, interleaved."""
+    for entry in entries:
+        for batch in feeds[entry.label].values():
+            for _ in range(options.warmup):
+                entry.backend.infer(batch)
+    for _ in range(options.rounds):
+        for batch_size in options.batch_sizes:
+            for entry in entries:
+                times = entry.latencies.setdefault(batch_size, [])
+                batch = feeds[entry.label][batch_size]
+                for _ in range(options.iters):
+                    start = time.perf_counter()
+                    entry.backend.infer(batch)
+                    times.append(time.perf_counter() - start)
+                progress.update(1)
+
+
+def accuracy(entry: Entry, images: np.ndarray, labels: np.ndarray) -> float:
+    from cskd.serve.preprocess import to_engine_input
+
+    spec = entry.package.input
+    size = min(64, spec.max_batch)
+    preds = np.concatenate([entry.backend.infer(to_engine_input(images[i : i + size], spec.dtype, spec.mean, spec.std)).argmax(1)
+                            for i in range(0, len(images), size)])
+    return 100.0 * float((preds == labels).mean())
+
+
+def summarize(entries: List[Entry], options: BenchOptions) -> Dict:
+    teacher = next(e for e in entries if e.role == "teacher")
+    rows = []
+    for entry in entries:
+        for batch_size, times in sorted(entry.latencies.items()):
+            p50 = _percentile(times, 50)
+            t50 = _percentile(teacher.latencies[batch_size], 50)
+            rows.append({
+                "model": entry.label, "role": entry.role, "precision": entry.package.precision,
+                "backend": entry.backend.name, "batch": batch_size,
+                "p50_ms": 1000 * p50, "p90_ms": 1000 * _percentile(times, 90), "p99_ms": 1000 * _percentile(times, 99),
+                "images_per_s": batch_size * len(times) / sum(times), "top1": entry.top1,
+                "speedup_vs_teacher": t50 / p50,
+            })
+    return {"rows": rows, "teacher": teacher.label}
+
+
+def check_gates(result: Dict, options: BenchOptions) -> List[str]:
+    failures = []
+    teacher_top1 = next(r["top1"] for r in result["rows"] if r["role"] == "teacher")
+    for row in result["rows"]:
+        if row["role"] == "teacher":
+            continue
+        if options.expect_speedup is not None and row["speedup_vs_teacher"] < options.expect_speedup:
+            failures.append(f"{row['model']} at batch {row['batch']} is {row['speedup_vs_teacher']:.2f}x the teacher's speed, "
+                            f"expected at least {options.expect_speedup}x")
+        if options.max_accuracy_drop is not None and row["top1"] is not None and teacher_top1 is not None:
+            drop = teacher_top1 - row["top1"]
+            if drop > options.max_accuracy_drop + 1e-9:
+                failures.append(f"{row['model']} top-1 {row['top1']:.2f}% is {drop:.2f} points below the teacher's "
+                                f"{teacher_top1:.2f}%, allowed {options.max_accuracy_drop}")
+    return sorted(set(failures))
+
+
+def format_table(result: Dict) -> str:
+    lines = [f"{'model':<34} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'img/s':>9} {'top-1':>7} {'speedup':>8}"]
+    for r in result["rows"]:
+        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
+        lines.append(f"{r['model']:<34} {r['batch']:>5} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} "
+                     f"{r['images_per_s']:>9.0f} {top1:>7} {r['speedup_vs_teacher']:>7.2f}x")
+    return "\n".join(lines)
+
+
+def plot(result: Dict, folder: Path) -> List[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cskd.checkpoint import atomic_write
+
+    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in models:
+        rows = [r for r in result["rows"] if r["model"] == model]
+        ax.plot([r["batch"] for r in rows], [r["p50_ms"] for r in rows], marker="o", label=model)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="p50 latency (ms)", title="latency against batch size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [folder / "latency.png", folder / "accuracy_latency.png"]
+    atomic_write(paths[0], lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    smallest = min(r["batch"] for r in result["rows"])
+    for r in (r for r in result["rows"] if r["batch"] == smallest and r["top1"] is not None):
+        ax.scatter(r["p50_ms"], r["top1"], s=60, marker="s" if r["role"] == "teacher" else "o")
+        ax.annotate(r["model"], (r["p50_ms"], r["top1"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set(xscale="log", xlabel=f"p50 latency at batch {smallest} (ms)", ylabel="top-1 (%)", title="accuracy against latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(paths[1], lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return paths
+
+
+def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, log: Callable[[str], None] = print) -> Dict:
+    from tqdm import tqdm
+
+    from cskd.checkpoint import ModelSpec
+    from cskd.export.exporter import real_images
+    from cskd.serve.backends import create_backend
+    from cskd.serve.preprocess import to_engine_input
+
+    if not students:
+        raise CSKDError("give at least one student model package (or run directory) to benchmark")
+    if any(b < 1 for b in options.batch_sizes):
+        raise CSKDError(f"batch sizes must be positive, got {list(options.batch_sizes)}")
+    entries = []
+    for role, path in [("teacher", teacher)] + [("student", s) for s in students]:
+        folder = resolve_package(Path(path), log)
+        backend, package = create_backend(folder, options.backend, options.threads)
+        label = f"{package.role} {package.precision}{' u8' if package.input.dtype == 'uint8' else ''} ({folder.name})"
+        entries.append(Entry(label, role, folder, backend, package))
+    shapes = {(e.package.input.channels, e.package.input.size) for e in entries}
+    if len(shapes) != 1:
+        raise CSKDError(f"the models take different inputs {sorted(shapes)}; benchmark models of one data set")
+    if max(options.batch_sizes) > min(e.package.input.max_batch for e in entries):
+        raise CSKDError(f"batch size {max(options.batch_sizes)} exceeds a package's --max-batch; re-export or lower it")
+    first = entries[0].package  # real validation images of the data set the models were trained on
+    spec = ModelSpec(first.role, first.architecture, len(first.classes), first.input.channels, first.input.size)
+    images, labels = real_images(Path(first.source.get("checkpoint", ".")), spec, "val", options.eval_images,
+                                 options.data, options.data_path)
+    feeds = {}
+    for entry in entries:
+        spec = entry.package.input
+        feeds[entry.label] = {b: to_engine_input(np.resize(images, (b, *images.shape[1:])), spec.dtype, spec.mean, spec.std)
+                              for b in options.batch_sizes}
+    for entry in entries:
+        entry.top1 = accuracy(entry, images, labels)
+    total = options.rounds * len(options.batch_sizes) * len(entries)
+    with tqdm(total=total, desc="bench", unit="run", leave=False) as bar:
+        measure(entries, feeds, options, bar)
+    result = summarize(entries, options)
+    result.update({
+        "machine": {"processor": platform.processor() or platform.machine(), "system": platform.platform(),
+                    "python": platform.python_version()},
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.__dict__.items()},
+        "eval_images": int(len(labels)),
+    })
+    result["failures"] = check_gates(result, options)
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["plots"] = [str(p) for p in plot(result, options.out)]
+    return result

@@ -1,0 +1,41 @@
+"""``cskd predict``: top-k labels for image files through an exported model package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from cskd.serve.backends import create_backend, top_k
+from cskd.serve.preprocess import ImageDecodeError, decode_image, to_engine_input
+
+from cskd.errors import CSKDError
+
+
+def predict_files(model_dir: Path, images: Sequence[Path], k: int = 5, backend: Optional[str] = None,
+                  batch_size: int = 32) -> List[Dict[str, object]]:
+    engine, package = create_backend(model_dir, backend)
+    spec = package.input
+    arrays = []
+    for path in images:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise CSKDError(f"cannot read {path} ({exc.strerror}); pass existing image files") from None
+        try:
+            arrays.append(decode_image(data, spec.channels, spec.size, spec.resize))
+        except ImageDecodeError as exc:
+            raise CSKDError(f"{path}: {exc}") from None
+    batch = np.stack(arrays)
+    size = min(batch_size, spec.max_batch)
+    logits = np.concatenate([engine.infer(to_engine_input(batch[i : i + size], spec.dtype, spec.mean, spec.std))
+                             for i in range(0, len(batch), size)])
+    return [{"image": str(path), "top": top} for path, top in zip(images, top_k(logits, k, package.classes))]
+
+
+def format_predictions(results: List[Dict[str, object]]) -> str:
+    lines = []
+    for result in results:
+        best = ", ".join(f"{t['label']} {100 * t['score']:.1f}%" for t in result["top"])
+        lines.append(f"{result['image']}: {best}")
+    return "\n".join(lines)

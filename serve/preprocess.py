@@ -1,0 +1,54 @@
+"""Decode client images into the engine's input, as ``model.json`` describes it (no torch).
+
+Pillow decodes with a pixel limit (decompression bombs), EXIF orientation is applied, the image is
+converted to the model's channels and resized (bicubic by default, like the training eval
+transform). The result is uint8 ``[C, H, W]``; :func:`to_engine_input` turns a batch into what the
+graph takes (raw uint8, or float32 normalised with the package's mean and std).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cskd.errors import CSKDError
+
+MAX_PIXELS = 40_000_000  # about 6300 x 6300: far above any photo, far below a bomb
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+
+
+class ImageDecodeError(CSKDError):
+    """The bytes are not a decodable image (or exceed the pixel limit)."""
+
+
+def decode_image(data: bytes, channels: int, size: int, resize: str = "bicubic", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Bytes of a PNG/JPEG/... file -> uint8 ``[channels, size, size]``."""
+    if not data:
+        raise ImageDecodeError("empty image: the request carried no bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+            image = ImageOps.exif_transpose(image)
+            image = image.convert("L" if channels == 1 else "RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), _RESAMPLE.get(resize, Image.BICUBIC))
+            array = np.asarray(image, dtype=np.uint8)
+    except ImageDecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"cannot decode the image ({exc}); send a PNG, JPEG, BMP, GIF or WebP file") from None
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def to_engine_input(batch: np.ndarray, dtype: str, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 ``[N, C, H, W]`` -> the graph's input: unchanged for uint8 graphs, else normalised float32."""
+    if dtype == "uint8":
+        return np.ascontiguousarray(batch, dtype=np.uint8)
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray((batch.astype(np.float32) / 255.0 - mean_a) / std_a, dtype=np.float32)
