@@ -187,7 +187,7 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
     entries = []
     for role, path in [("teacher", teacher)] + [("student", s) for s in students]:
         folder = resolve_package(Path(path), log)
-        backend, package = create_backend(folder, options.backend, options.threads)
+        backend, package = create_backend(folder, options.backend, options.threads, spin=False)
         label = f"{package.role} {package.precision}{' u8' if package.input.dtype == 'uint8' else ''} ({folder.name})"
         entries.append(Entry(label, role, folder, backend, package))
     shapes = {(e.package.input.channels, e.package.input.size) for e in entries}

@@ -27,7 +27,8 @@ class Backend(Protocol):
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, threads: Optional[int] = None, providers: Optional[List[str]] = None) -> None:
+    def __init__(self, model_path: Path, threads: Optional[int] = None, providers: Optional[List[str]] = None,
+                 spin: bool = True) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -35,6 +36,10 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            # Idle worker threads otherwise spin for a while after each run, stealing the cores of
+            # whatever runs next: fine for one busy server, unfair when several sessions take turns.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         chosen = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
         self.session = ort.InferenceSession(str(model_path), options, providers=chosen or ["CPUExecutionProvider"])
@@ -103,7 +108,8 @@ class TorchBackend:
             return self.module(self.torch.from_numpy(batch)).float().numpy()
 
 
-def create_backend(model_dir: str | Path, backend: Optional[str] = None, threads: Optional[int] = None) -> tuple[Backend, ModelPackage]:
+def create_backend(model_dir: str | Path, backend: Optional[str] = None, threads: Optional[int] = None,
+                   spin: bool = True) -> tuple[Backend, ModelPackage]:
     """The backend for a model package: ``onnxruntime`` for ONNX, ``tensorrt`` for engines, or as asked."""
     folder = Path(model_dir)
     package = read_package(folder)
@@ -115,8 +121,8 @@ def create_backend(model_dir: str | Path, backend: Optional[str] = None, threads
             onnx_file = package.files.get("onnx")
             if not onnx_file:
                 raise CSKDError(f"{folder} holds a TensorRT engine only; use --backend tensorrt")
-            return OnnxRuntimeBackend(folder / onnx_file, threads), package
-        return OnnxRuntimeBackend(folder / package.files.get("optimized", package.engine), threads), package
+            return OnnxRuntimeBackend(folder / onnx_file, threads, spin=spin), package
+        return OnnxRuntimeBackend(folder / package.files.get("optimized", package.engine), threads, spin=spin), package
     if kind == "tensorrt":
         if package.engine_format != "trt":
             raise CSKDError(f"{folder} holds an ONNX model; export with --format trt for the tensorrt backend")
