@@ -106,7 +106,7 @@ def write_report(results: Dict[str, Dict[int, Dict]], teacher_top1, args) -> Non
                                      "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
     report = {"teacher_top1": teacher_top1, "epochs": args.epochs, "data": args.data, "methods": summary}
     (args.out / "experiment.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"| method | seeds | fused top-1 | cls | dist | dense-mean |", "|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | fused top-1 | cls | dist | dense-mean |", "|---|---|---|---|---|---|"]
     for method, s in summary.items():
         cell = lambda h: f"{s[h]['mean']:.2f} ± {s[h]['std']:.2f}"  # noqa: E731
         lines.append(f"| {method} | {len(s['seeds'])} | **{cell('fused')}** | {cell('cls')} | {cell('dist')} | {cell('dense')} |")

@@ -146,15 +146,73 @@ examples:
   cskd bench runs/demo/export-onnx-int8 --teacher runs/demo/export-teacher-onnx-fp32
   cskd bench S-fp32 S-fp16 S-int8 --teacher T --batch-sizes 1 8 32 --out bench/
   cskd bench runs/demo --teacher runs/teacher --quick --expect-speedup 3 --max-accuracy-drop 5   # a CI gate
+  cskd bench http http://127.0.0.1:8000 --concurrency 32 --duration 60   # load a running cskd serve
 """
+
+
+SERVE_EXAMPLES = """\
+examples:
+  cskd serve runs/demo/export-onnx-fp32                       # http://127.0.0.1:8000/docs
+  cskd serve models/demo --host 0.0.0.0 --port 8080 --workers 2 --api-key "$KEY"
+  cskd serve models/demo --max-batch 32 --max-wait-ms 5 --max-queue 256
+  curl -F files=@shirt.png http://127.0.0.1:8000/predict
+every option can also come from CSKD_SERVE_<OPTION> environment variables (CSKD_SERVE_API_KEY, ...)
+"""
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP inference service (FastAPI): /predict, KServe v2, /metrics",
+                       epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Serve a model package with dynamic batching.")
+    p.add_argument("model_dir", type=Path, nargs="?", metavar="MODEL_DIR", help="model package (or CSKD_SERVE_MODEL_DIR)")
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch"))
+    p.add_argument("--host", help="bind address (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="server processes, each with its own copy of the model")
+    p.add_argument("--threads", type=int, help="onnxruntime threads per process")
+    p.add_argument("--max-batch", type=int, help="images per inference call (default 32)")
+    p.add_argument("--max-wait-ms", type=float, help="time a batch waits to fill (default 5)")
+    p.add_argument("--max-queue", type=int, help="queued images before answering 503 (default 256)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (prefer CSKD_SERVE_API_KEY)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from cskd.export.package import read_package
+    from cskd.serve.settings import ServeSettings
+
+    given = {k: v for k, v in {
+        "model_dir": str(args.model_dir) if args.model_dir else None, "backend": args.backend, "host": args.host,
+        "port": args.port, "workers": args.workers, "threads": args.threads, "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue, "api_key": args.api_key}.items() if v is not None}
+    settings = ServeSettings(**given)
+    if not settings.model_dir:
+        raise CSKDError("no model package given: pass MODEL_DIR or set CSKD_SERVE_MODEL_DIR")
+    package = read_package(settings.model_dir)  # fail in one line before uvicorn starts
+    for key, value in given.items():  # worker processes read their settings from the environment
+        os.environ[f"CSKD_SERVE_{key.upper()}"] = str(value)
+    print(f"cskd serve: {package.name} ({package.engine_format}/{package.precision}) on http://{settings.host}:{settings.port}"
+          f" (docs at /docs), batching up to {settings.max_batch} images / {settings.max_wait_ms} ms")
+    uvicorn.run("cskd.serve.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level=args.log_level, timeout_graceful_shutdown=30)
+    return 0
 
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="deployed students against the teacher: latency, throughput, accuracy",
                        epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Benchmark model packages (run directories are exported first) against a teacher package.")
-    p.add_argument("students", type=Path, nargs="+", metavar="STUDENT")
-    p.add_argument("--teacher", type=Path, required=True, metavar="TEACHER", help="teacher package or run directory")
+    p.add_argument("students", nargs="+", metavar="STUDENT", help="student packages or run directories; or: http URL")
+    p.add_argument("--teacher", type=Path, metavar="TEACHER", help="teacher package or run directory")
+    p.add_argument("--concurrency", type=int, default=32, help="bench http: concurrent clients")
+    p.add_argument("--duration", type=float, default=60.0, help="bench http: seconds of load")
+    p.add_argument("--image", type=Path, help="bench http: the image to post (default: an embedded validation image)")
+    p.add_argument("--api-key", help="bench http: bearer token")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch"), help="default: each package's own")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
@@ -171,7 +229,13 @@ def _add_bench(sub) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.students[0] == "http":
+        return _cmd_bench_http(args)
     from cskd.bench import BenchOptions, format_table, run_bench
+
+    if args.teacher is None:
+        raise CSKDError("cskd bench needs --teacher TEACHER_PACKAGE (or use `cskd bench http URL`)")
+    args.students = [Path(s) for s in args.students]
 
     options = BenchOptions(batch_sizes=args.batch_sizes, backend=args.backend, rounds=args.rounds, iters=args.iters,
                            eval_images=args.eval_images, threads=args.threads, data=args.data, data_path=args.data_path,
@@ -184,6 +248,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for failure in result["failures"]:
         print(f"cskd bench: gate failed: {failure}", file=sys.stderr)
     return 1 if result["failures"] else 0
+
+
+def _cmd_bench_http(args: argparse.Namespace) -> int:
+    import asyncio
+    import io
+    import json
+
+    from cskd.serve.loadtest import format_load, run_load
+
+    if len(args.students) != 2:
+        raise CSKDError("usage: cskd bench http URL [--concurrency N] [--duration S]")
+    if args.image:
+        image = args.image.read_bytes()
+    else:
+        from PIL import Image
+
+        from cskd.data.datasets import demo_arrays
+
+        buf = io.BytesIO()
+        Image.fromarray(demo_arrays("val")[0][0], mode="L").save(buf, format="PNG")
+        image = buf.getvalue()
+    result = asyncio.run(run_load(args.students[1], image, args.concurrency, args.duration, args.api_key))
+    print(format_load(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_http.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out / 'bench_http.json'}")
+    return 0 if result["errors"] == 0 else 1
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -228,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_export(sub)
     _add_predict(sub)
+    _add_serve(sub)
     _add_bench(sub)
     return parser
 

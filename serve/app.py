@@ -1,0 +1,112 @@
+"""The FastAPI application: routers, lifespan (load, warm up, batch, drain), middleware.
+
+    app = create_app("runs/demo/export-onnx-fp32", max_batch=16)
+    uvicorn.run(app)                      # or: cskd serve runs/demo/export-onnx-fp32
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+from cskd.serve.backends import create_backend
+from cskd.serve.batcher import DynamicBatcher
+from cskd.serve.errors import APIError, error_body, install_handlers
+from cskd.serve.metrics import create_metrics
+from cskd.serve.routers import health, kserve, model, predict
+from cskd.serve.settings import ServeSettings
+from cskd.serve.state import Serving
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from cskd import __version__
+
+
+def _lifespan(serving: Serving):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings = serving.settings
+        backend, package = await run_in_threadpool(create_backend, settings.model_dir, settings.backend, settings.threads)
+        spec = package.input
+        warm = np.zeros((min(settings.max_batch, spec.max_batch), spec.channels, spec.size, spec.size),
+                        dtype=np.uint8 if spec.dtype == "uint8" else np.float32)
+        await run_in_threadpool(backend.infer, warm)  # first call allocates and picks kernels
+        metrics = serving.metrics
+        serving.batcher = DynamicBatcher(
+            backend.infer, min(settings.max_batch, spec.max_batch), settings.max_wait_ms, settings.max_queue,
+            on_batch=lambda size, seconds: (metrics.batch_size.observe(size), metrics.inference_seconds.observe(seconds)),
+            on_queue=metrics.queue_depth.set,
+        )
+        serving.batcher.start()
+        serving.package, serving.backend_name, serving.ready = package, backend.name, True
+        try:
+            yield
+        finally:
+            serving.ready = False
+            await serving.batcher.close()  # answer everything already accepted
+
+    return lifespan
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``limit`` bytes: at once by Content-Length, else while they stream in (413)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            response = JSONResponse(error_body("too_large", f"request body of {int(declared)} bytes exceeds the limit "
+                                                            f"of {self.limit} bytes"), status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # raised inside the route: the APIError handler answers 413
+                raise APIError(413, "too_large", f"request body exceeds the limit of {self.limit} bytes")
+            return message
+
+        return await self.app(scope, counted_receive, send)
+
+
+def create_app(model_dir: str = "", **settings: Any) -> FastAPI:
+    """The inference service for one model package; ``settings`` are :class:`ServeSettings` fields."""
+    config = ServeSettings(model_dir=str(model_dir) if model_dir else ServeSettings().model_dir, **settings)
+    serving = Serving(settings=config, metrics=create_metrics())
+    app = FastAPI(title="cskd inference", version=__version__, lifespan=_lifespan(serving),
+                  description="Image classification with a distilled ViT exported by cskd.")
+    app.state.serving = serving
+    install_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.middleware("http")
+    async def record(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        serving.metrics.requests.labels(path, request.method, str(response.status_code)).inc()
+        serving.metrics.request_seconds.labels(path).observe(time.perf_counter() - start)
+        return response
+
+    for router in (health.router, predict.router, model.router, kserve.router, kserve.models):
+        app.include_router(router)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """uvicorn factory for ``--workers N``: every setting from ``CSKD_SERVE_*`` variables."""
+    return create_app()

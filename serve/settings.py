@@ -1,0 +1,29 @@
+"""Service settings: arguments of ``create_app`` / ``cskd serve``, or ``CSKD_SERVE_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CSKD_SERVE_", protected_namespaces=())
+
+    model_dir: str = Field("", description="model package folder (model.json + engine)")
+    backend: Optional[str] = Field(None, description="onnxruntime | tensorrt | torch (default: the package's own)")
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    workers: int = 1  # server processes (each loads the model)
+    threads: Optional[int] = None  # onnxruntime intra-op threads per process
+    max_batch: int = Field(32, ge=1, description="most images one inference runs together")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill after its first image")
+    max_queue: int = Field(256, ge=1, description="images waiting at most; beyond, 503 with Retry-After")
+    request_timeout_s: float = Field(10.0, gt=0, description="an image still queued after this is dropped (503)")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_images: int = Field(64, ge=1, description="images per request")
+    max_pixels: int = Field(40_000_000, ge=1, description="pixels per decoded image (decompression bombs)")
+    max_top_k: int = 100
+    api_key: Optional[str] = Field(None, description="require 'Authorization: Bearer KEY' (health endpoints exempt)")
+    cors_origins: List[str] = Field(default_factory=list, description="allowed CORS origins; none by default")

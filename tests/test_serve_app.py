@@ -1,0 +1,231 @@
+"""The FastAPI app in-process: predictions, batching, overload, KServe v2, auth, bad input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from cskd.export.exporter import ExportOptions, export_model
+from cskd.serve.app import create_app
+from cskd.serve.predict import predict_files
+from fastapi.testclient import TestClient
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def package_dir(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "pkg"
+    export_model(trained_run, ExportOptions(out=out, parity_images=100), log=lambda _: None)
+    return out
+
+
+@pytest.fixture
+def client(package_dir):
+    with TestClient(create_app(package_dir, max_wait_ms=2)) as c:  # the context runs the lifespan
+        yield c
+
+
+def png_bytes(seed: int = 0, size=(28, 28)) -> bytes:
+    array = np.random.default_rng(seed).integers(0, 256, (size[1], size[0]), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(array, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def val_png_files(folder, count: int):
+    from cskd.data.datasets import build_dataset
+
+    dataset, _ = build_dataset("fashion-mnist-demo", "val")
+    paths = []
+    for i in range(count):
+        path = folder / f"v{i}.png"
+        dataset[i * 53][0].save(path)
+        paths.append(path)
+    return paths
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(name + (labels if labels else "")) and not line.startswith("#"):
+            if labels or line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_predict_multipart_equals_cskd_predict(client, package_dir, tmp_path):
+    paths = val_png_files(tmp_path, 6)
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    response = client.post("/predict?top_k=3", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = predict_files(package_dir, paths, k=3)
+    assert [[t["index"] for t in r["top"]] for r in body["predictions"]] == [[t["index"] for t in r["top"]] for r in expected]
+    got = np.array([[t["score"] for t in r["top"]] for r in body["predictions"]])
+    assert np.allclose(got, [[t["score"] for t in r["top"]] for r in expected], atol=1e-6)
+    assert body["model"].startswith("student-") and len(body["predictions"][0]["top"]) == 3
+
+
+def test_predict_json_base64_equals_multipart(client):
+    images = [png_bytes(1), png_bytes(2)]
+    multipart = client.post("/predict", files=[("files", ("a.png", b, "image/png")) for b in images]).json()
+    as_json = client.post("/predict", json={"images": [base64.b64encode(b).decode() for b in images], "top_k": 5}).json()
+    assert multipart["predictions"] == as_json["predictions"]
+
+
+def test_concurrent_requests_are_batched(package_dir):
+    with TestClient(create_app(package_dir, max_wait_ms=50, max_batch=16)) as c:
+        image = png_bytes(3)
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda _: c.post("/predict", files={"files": ("x.png", image, "image/png")}), range(32)))
+        assert all(r.status_code == 200 for r in responses)
+        assert len({str(r.json()["predictions"]) for r in responses}) == 1  # each caller got its own (same) row
+        text = c.get("/metrics").text
+        calls = metric_value(text, "cskd_batch_size_images_count")
+        images = metric_value(text, "cskd_batch_size_images_sum")
+        assert images >= 32 and calls < images  # fewer inference calls than images: batches above 1
+        assert metric_value(text, "cskd_batch_size_images_bucket", '{le="1.0"}') < calls
+
+
+def test_overload_answers_503_with_retry_after_then_recovers(package_dir):
+    app = create_app(package_dir, max_queue=2, max_batch=1, max_wait_ms=0)
+    with TestClient(app) as c:
+        backend_infer = app.state.serving.batcher.infer
+
+        def slow(batch):
+            time.sleep(0.2)
+            return backend_infer(batch)
+
+        app.state.serving.batcher.infer = slow
+        image = png_bytes(4)
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda _: c.post("/predict", files={"files": ("x.png", image, "image/png")}), range(12)))
+        codes = [r.status_code for r in responses]
+        assert 503 in codes and 200 in codes
+        refused = next(r for r in responses if r.status_code == 503)
+        assert refused.headers["retry-after"] == "1" and refused.json()["code"] == "overloaded"
+        app.state.serving.batcher.infer = backend_infer
+        assert c.post("/predict", files={"files": ("x.png", image, "image/png")}).status_code == 200
+
+
+def test_kserve_v2_round_trip(client, package_dir):
+    model = client.get("/v1/model").json()
+    name = model["name"]
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    meta = client.get(f"/v2/models/{name}").json()
+    assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 1, 32, 32]}
+    assert client.get(f"/v2/models/{name}/ready").json() == {"name": name, "ready": True}
+    x = np.random.default_rng(0).standard_normal((3, 1, 32, 32)).astype(np.float32)
+    body = {"id": "r1", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+            "outputs": [{"name": "logits"}, {"name": "probabilities"}]}
+    response = client.post(f"/v2/models/{name}/infer", json=body)
+    assert response.status_code == 200, response.text
+    out = {o["name"]: o for o in response.json()["outputs"]}
+    assert response.json()["id"] == "r1" and out["logits"]["shape"] == [3, 10]
+    import onnxruntime as ort
+
+    direct = ort.InferenceSession(str(package_dir / "model.optimized.onnx")).run(["logits"], {"input": x})[0]
+    assert np.allclose(np.array(out["logits"]["data"]).reshape(3, 10), direct, atol=1e-5)
+    assert np.allclose(np.array(out["probabilities"]["data"]).reshape(3, 10).sum(1), 1.0, atol=1e-5)
+
+
+def test_api_key_guards_everything_but_health(package_dir):
+    with TestClient(create_app(package_dir, api_key="s3cret")) as c:
+        image = {"files": ("x.png", png_bytes(5), "image/png")}
+        denied = c.post("/predict", files=image)
+        assert denied.status_code == 401 and denied.json()["code"] == "unauthorized"
+        assert c.post("/predict", files=image, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.post("/predict", files=image, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/v1/model").status_code == 401
+        for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
+            assert c.get(path).status_code == 200
+    with TestClient(create_app(package_dir)) as c:  # no key configured: open
+        assert c.post("/predict", files={"files": ("x.png", png_bytes(5), "image/png")}).status_code == 200
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")  # 400 megapixels in a few kB
+    return buf.getvalue()
+
+
+def _truncated(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8), mode="L").save(buf, format=fmt)
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+@pytest.mark.parametrize(
+    "kind, status, code",
+    [
+        ("truncated png", 400, "bad_image"),
+        ("truncated jpeg", 400, "bad_image"),
+        ("not an image", 400, "bad_image"),
+        ("empty body", 415, "unsupported_media_type"),
+        ("wrong content type", 415, "unsupported_media_type"),
+        ("image bomb", 400, "bad_image"),
+        ("body over limit", 413, "too_large"),
+        ("too many images", 413, "too_large"),
+        ("invalid base64", 400, "bad_image"),
+        ("invalid json", 422, "invalid_request"),
+        ("top_k out of range", 422, "invalid_request"),
+        ("v2 wrong shape", 422, "invalid_tensor"),
+        ("v2 wrong datatype", 422, "invalid_tensor"),
+        ("v2 unknown model", 404, "model_not_found"),
+    ],
+)
+def test_bad_input_gets_the_right_4xx_and_the_server_keeps_working(package_dir, kind, status, code):
+    with TestClient(create_app(package_dir, max_images=4, max_body_bytes=200_000)) as c:
+        name = c.get("/v1/model").json()["name"]
+        files = lambda data: {"files": ("x", data, "application/octet-stream")}  # noqa: E731
+        tensor = {"name": "input", "shape": [1, 1, 32, 32], "datatype": "FP32", "data": [0.0] * 1024}
+        send = {
+            "truncated png": lambda: c.post("/predict", files=files(_truncated("PNG"))),
+            "truncated jpeg": lambda: c.post("/predict", files=files(_truncated("JPEG"))),
+            "not an image": lambda: c.post("/predict", files=files(b"%PDF-1.4 definitely not pixels")),
+            "empty body": lambda: c.post("/predict"),
+            "wrong content type": lambda: c.post("/predict", content=b"abc", headers={"content-type": "text/plain"}),
+            "image bomb": lambda: c.post("/predict", files=files(_bomb())),
+            "body over limit": lambda: c.post("/predict", files=files(b"\0" * 300_000)),
+            "too many images": lambda: c.post("/predict", files=[("files", ("x.png", png_bytes(i), "image/png")) for i in range(5)]),
+            "invalid base64": lambda: c.post("/predict", json={"images": ["not base64!!"]}),
+            "invalid json": lambda: c.post("/predict", content=b"{oops", headers={"content-type": "application/json"}),
+            "top_k out of range": lambda: c.post("/predict?top_k=0", files={"files": ("x.png", png_bytes(), "image/png")}),
+            "v2 wrong shape": lambda: c.post(f"/v2/models/{name}/infer", json={"inputs": [{**tensor, "shape": [1, 3, 32, 32]}]}),
+            "v2 wrong datatype": lambda: c.post(f"/v2/models/{name}/infer", json={"inputs": [{**tensor, "datatype": "INT64"}]}),
+            "v2 unknown model": lambda: c.post("/v2/models/nope/infer", json={"inputs": [tensor]}),
+        }[kind]
+        response = send()
+        assert response.status_code == status, response.text
+        assert set(response.json()) == {"code", "message"} and response.json()["code"] == code
+        ok = c.post("/predict", files={"files": ("x.png", png_bytes(9), "image/png")})
+        assert ok.status_code == 200  # still answering correctly
+
+
+def test_not_ready_until_the_lifespan_ran(package_dir):
+    client = TestClient(create_app(package_dir))  # not entered: no lifespan, no model
+    assert client.get("/readyz").status_code == 503
+    assert client.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")}).status_code == 503
+    assert client.get("/healthz").status_code == 200
+
+
+def test_serving_path_imports_without_torch(package_dir, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "x.png").write_bytes(png_bytes(7))
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['timm'] = None\n"
+        "from fastapi.testclient import TestClient\n"
+        "from cskd.serve.app import create_app\n"
+        f"c = TestClient(create_app({str(package_dir)!r})).__enter__()\n"
+        f"r = c.post('/predict', files={{'files': ('x.png', open({str(tmp_path / 'x.png')!r}, 'rb').read(), 'image/png')}})\n"
+        "assert r.status_code == 200, r.text\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
