@@ -197,15 +197,20 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
         raise CSKDError(f"batch size {max(options.batch_sizes)} exceeds a package's --max-batch; re-export or lower it")
     first = entries[0].package  # real validation images of the data set the models were trained on
     spec = ModelSpec(first.role, first.architecture, len(first.classes), first.input.channels, first.input.size)
-    images, labels = real_images(Path(first.source.get("checkpoint", ".")), spec, "val", options.eval_images,
-                                 options.data, options.data_path)
+    if options.eval_images > 0:
+        images, labels = real_images(Path(first.source.get("checkpoint", ".")), spec, "val", options.eval_images,
+                                     options.data, options.data_path)
+    else:  # latency only (e.g. random-weight models): synthetic pixels, no top-1
+        images = np.random.default_rng(0).integers(0, 256, (max(options.batch_sizes), spec.in_chans, spec.img_size,
+                                                             spec.img_size), dtype=np.uint8)
+        labels = None
     feeds = {}
     for entry in entries:
         spec = entry.package.input
         feeds[entry.label] = {b: to_engine_input(np.resize(images, (b, *images.shape[1:])), spec.dtype, spec.mean, spec.std)
                               for b in options.batch_sizes}
     for entry in entries:
-        entry.top1 = accuracy(entry, images, labels)
+        entry.top1 = accuracy(entry, images, labels) if labels is not None else None
     total = options.rounds * len(options.batch_sizes) * len(entries)
     with tqdm(total=total, desc="bench", unit="run", leave=False) as bar:
         measure(entries, feeds, options, bar)
@@ -214,7 +219,7 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
         "machine": {"processor": platform.processor() or platform.machine(), "system": platform.platform(),
                     "python": platform.python_version()},
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.__dict__.items()},
-        "eval_images": int(len(labels)),
+        "eval_images": int(len(labels)) if labels is not None else 0,
     })
     result["failures"] = check_gates(result, options)
     options.out.mkdir(parents=True, exist_ok=True)

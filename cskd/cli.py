@@ -217,7 +217,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch"), help="default: each package's own")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--iters", type=int, default=20, help="timed calls per model, batch size and round")
-    p.add_argument("--eval-images", type=int, default=2000, help="validation images for top-1")
+    p.add_argument("--eval-images", type=int, default=2000, help="validation images for top-1 (0: latency only)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--quick", action="store_true", help="2 rounds of 5 calls, 500 images: a smoke test")
     p.add_argument("--expect-speedup", type=float, help="fail unless every student is this many times faster")
