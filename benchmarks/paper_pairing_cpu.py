@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from cskd.bench import BenchOptions, format_table, run_bench
-from cskd.checkpoint import ModelSpec
 from cskd.export import onnx_export
 from cskd.export.graph import build_deploy_module
 from cskd.export.package import InputSpec, ModelPackage, write_package_json
+
+from cskd.bench import BenchOptions, format_table, run_bench
+from cskd.checkpoint import ModelSpec
 from cskd.models import create_student, create_teacher
 
 SIZE, CLASSES = 224, 1000

@@ -41,7 +41,7 @@ if ! podman image exists "$base"; then
   [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list)
   debootstrap --variant=minbase --include=python3,python3-venv bookworm "$work/rootfs" "$mirror" > "$work/debootstrap.log"
   rm -rf "$work"/rootfs/var/cache/apt/archives/*.deb "$work"/rootfs/var/lib/apt/lists/*
-  tar -C "$work/rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$base" >/dev/null
+  tar -C "$work/rootfs" -c . | podman import -q --change 'CMD ["/bin/bash"]' - "$base" >/dev/null
   stamp "base image built by debootstrap"
 else
   stamp "base image cached"
