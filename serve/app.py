@@ -30,7 +30,10 @@ def _lifespan(serving: Serving):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         settings = serving.settings
-        backend, package = await run_in_threadpool(create_backend, settings.model_dir, settings.backend, settings.threads)
+        # No spinning: idle onnxruntime threads would otherwise burn the cores the event loop,
+        # the decoders and the next batch need.
+        backend, package = await run_in_threadpool(create_backend, settings.model_dir, settings.backend, settings.threads,
+                                                   False)
         spec = package.input
         warm = np.zeros((min(settings.max_batch, spec.max_batch), spec.channels, spec.size, spec.size),
                         dtype=np.uint8 if spec.dtype == "uint8" else np.float32)
