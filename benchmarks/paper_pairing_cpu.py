@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -65,11 +67,12 @@ def main() -> None:
     teacher = create_teacher("regnety_160", CLASSES)
     s_spec = ModelSpec("student", "deit_tiny_distilled_patch16_224", CLASSES, 3, SIZE, 16, {}, MEAN, STD)
     t_spec = ModelSpec("teacher", "regnety_160", CLASSES, 3, SIZE, None, {}, MEAN, STD)
-    packages = args.out / "packages"
+    packages = Path(tempfile.mkdtemp(prefix="cskd-paper-"))  # hundreds of MB: never beside the results
     teacher_pkg = package(packages / "teacher-fp32", teacher, t_spec, "fp32")
     students = [package(packages / f"student-{p}", student, s_spec, p) for p in ("fp32", "int8")]
     result = run_bench(students, teacher_pkg, BenchOptions(batch_sizes=args.batch_sizes, rounds=args.rounds,
                                                            iters=args.iters, warmup=2, eval_images=0, out=args.out))
+    shutil.rmtree(packages, ignore_errors=True)
     print(format_table(result))
     print(json.dumps(result["machine"]))
 
