@@ -144,7 +144,7 @@ def export_model(source: Path, options: ExportOptions, log: Callable[[str], None
 
             log("building the TensorRT engine (minutes on a first build; the timing cache speeds up the next)")
             build_engine(onnx_path, stage / "model.engine", options.precision, options.max_batch, spec.in_chans,
-                         spec.img_size, options.input_kind, timing_cache=out.parent / ".cskd-trt-timing.cache")
+                         spec.img_size, timing_cache=out.parent / ".cskd-trt-timing.cache")
             engine_file, files = "model.engine", {"onnx": "model.onnx"}
 
         package = ModelPackage(

@@ -144,11 +144,5 @@ def quantize_int8(src: Path, dst: Path, calibration: List[np.ndarray]) -> None:
         prepared.unlink(missing_ok=True)
 
 
-def read_metadata(path: Path) -> Dict[str, str]:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
 def metadata_for(spec_json: str, extra: Dict[str, object]) -> Dict[str, str]:
     return {"cskd.spec": spec_json, **{f"cskd.{k}": json.dumps(v) for k, v in extra.items()}}

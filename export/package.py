@@ -12,7 +12,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 from cskd.errors import CSKDError
 
@@ -114,9 +114,3 @@ def staged_package(out: Path, force: bool) -> Iterator[Path]:
 
 def write_package_json(folder: Path, package: ModelPackage) -> None:
     (Path(folder) / MODEL_JSON).write_text(package.to_json())
-
-
-def find_engine_kind(package: ModelPackage, backend: Optional[str]) -> str:
-    """The backend to use for a package: the one asked for, else the package's natural one."""
-    natural = "tensorrt" if package.engine_format == "trt" else "onnxruntime"
-    return backend or natural

@@ -40,7 +40,7 @@ _FP32_LAYERS = ("NORMALIZATION", "SOFTMAX", "REDUCE")
 
 
 def build_engine(onnx_path: Path, engine_path: Path, precision: str, max_batch: int, channels: int, size: int,
-                 input_dtype: str, timing_cache: Optional[Path] = None, workspace_gib: float = 4.0) -> None:
+                 timing_cache: Optional[Path] = None, workspace_gib: float = 4.0) -> None:
     """Parse ``onnx_path`` and serialise a TensorRT engine to ``engine_path``."""
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -93,9 +93,3 @@ def build_dataset(
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
         return dataset, DatasetInfo(list(dataset.classes), channels, mean, std)
     raise CSKDError(f"unknown data set {name!r}; use fashion-mnist-demo, fashion-mnist or imagefolder")
-
-
-def labels_of(dataset: Dataset) -> Sequence[int]:
-    if isinstance(dataset, ArrayImageDataset):
-        return dataset.labels
-    return [label for _, label in dataset.samples]
