@@ -87,13 +87,13 @@ def measure(entries: List[Entry], feeds: Dict[str, Dict[int, np.ndarray]], optio
 
 
 def accuracy(entry: Entry, images: np.ndarray, labels: np.ndarray) -> float:
+    from cskd.serve.backends import run_batched
     from cskd.serve.preprocess import to_engine_input
 
     spec = entry.package.input
-    size = min(64, spec.max_batch)
-    preds = np.concatenate([entry.backend.infer(to_engine_input(images[i : i + size], spec.dtype, spec.mean, spec.std)).argmax(1)
-                            for i in range(0, len(images), size)])
-    return 100.0 * float((preds == labels).mean())
+    logits = run_batched(lambda rows: entry.backend.infer(to_engine_input(rows, spec.dtype, spec.mean, spec.std)),
+                         images, min(64, spec.max_batch))
+    return 100.0 * float((logits.argmax(1) == labels).mean())
 
 
 def summarize(entries: List[Entry], options: BenchOptions) -> Dict:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import yaml
 
-from cskd.checkpoint import atomic_write, load_model, resolve_checkpoint
+from cskd.checkpoint import ModelSpec, atomic_write, load_model, resolve_checkpoint
 
 
 def data_defaults(checkpoint: Path) -> Dict[str, Any]:
@@ -17,6 +17,26 @@ def data_defaults(checkpoint: Path) -> Dict[str, Any]:
     if config.is_file():
         return (yaml.safe_load(config.read_text()) or {}).get("data", {})
     return {}
+
+
+def evaluation_dataset(checkpoint: Path, spec: ModelSpec, split: str, data_name: Optional[str] = None,
+                       data_path: Optional[str] = None) -> Tuple[Any, str]:
+    """``(dataset, name)``: a split of the data set ``checkpoint`` was trained on (or the one named),
+    with the eval transform at the model's size and channels; its classes must match the model's."""
+    from cskd.data.datasets import build_dataset
+    from cskd.data.transforms import eval_transform
+    from cskd.errors import CSKDError
+
+    defaults = data_defaults(checkpoint)
+    name = data_name or defaults.get("name", "fashion-mnist-demo")
+    same_data = name == defaults.get("name")
+    path = data_path or (defaults.get("path") if same_data else None)
+    interpolation = defaults.get("interpolation", "bicubic") if same_data else "bicubic"
+    dataset, info = build_dataset(name, split, path, spec.in_chans, eval_transform(spec.img_size, spec.in_chans, interpolation))
+    if info.num_classes != spec.num_classes:
+        raise CSKDError(f"{checkpoint} predicts {spec.num_classes} classes but {name} has {info.num_classes}; "
+                        "use the data set it was trained on (--data)")
+    return dataset, name
 
 
 def run_eval(
@@ -32,22 +52,12 @@ def run_eval(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from cskd.data.datasets import build_dataset
-    from cskd.data.transforms import eval_transform
     from cskd.distributed import DistEnv, pick_device
     from cskd.engine import Normalization, evaluate
-    from cskd.errors import CSKDError
 
     path = resolve_checkpoint(checkpoint)
     model, spec, info = load_model(path)
-    defaults = data_defaults(path)
-    name = data_name or defaults.get("name", "fashion-mnist-demo")
-    data_path = data_path or (defaults.get("path") if name == defaults.get("name") else None)
-    channels = defaults.get("channels") if name == defaults.get("name") else None
-    dataset, data_info = build_dataset(name, split, data_path, channels or spec.in_chans,
-                                       eval_transform(spec.img_size, spec.in_chans, defaults.get("interpolation", "bicubic")))
-    if data_info.num_classes != spec.num_classes:
-        raise CSKDError(f"{path} predicts {spec.num_classes} classes but {name} has {data_info.num_classes}; evaluate on the data it was trained for")
+    dataset, name = evaluation_dataset(path, spec, split, data_name, data_path)
     env = DistEnv(0, 1, 0, pick_device(device))
     model.to(env.device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -17,7 +17,7 @@ from cskd.export.package import (
     staged_package,
     write_package_json,
 )
-from cskd.export.parity import DEFAULT_THRESHOLDS, compare, run_batched
+from cskd.export.parity import DEFAULT_THRESHOLDS, compare
 
 from cskd import __version__
 from cskd.checkpoint import ModelSpec, file_sha256, load_model, resolve_checkpoint
@@ -62,16 +62,9 @@ def resolve_source(source: Path, teacher: bool) -> Path:
 def real_images(checkpoint: Path, spec: ModelSpec, split: str, count: int, data: Optional[str], data_path: Optional[str]
                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """``count`` images of the run's data set as uint8 ``[N, C, H, W]`` at the model's size, with labels."""
-    from cskd.data.datasets import build_dataset
-    from cskd.data.transforms import eval_transform
-    from cskd.evaluate import data_defaults
+    from cskd.evaluate import evaluation_dataset
 
-    defaults = data_defaults(checkpoint)
-    name = data or defaults.get("name", "fashion-mnist-demo")
-    path = data_path or (defaults.get("path") if name == defaults.get("name") else None)
-    dataset, info = build_dataset(name, split, path, spec.in_chans, eval_transform(spec.img_size, spec.in_chans))
-    if info.num_classes != spec.num_classes:
-        raise CSKDError(f"{name} has {info.num_classes} classes but the model predicts {spec.num_classes}; pass --data of the model's data set")
+    dataset, _ = evaluation_dataset(checkpoint, spec, split, data, data_path)
     step = max(1, len(dataset) // count)  # spread over the split: every class, not the first folder
     picks = list(range(0, len(dataset), step))[:count]
     images = np.stack([(dataset[i][0].numpy() * 255.0).round().clip(0, 255).astype(np.uint8) for i in picks])
@@ -91,6 +84,7 @@ def export_model(source: Path, options: ExportOptions, log: Callable[[str], None
     import torch
     from cskd.export import onnx_export
     from cskd.export.graph import build_deploy_module, output_names
+    from cskd.serve.backends import run_batched
     from cskd.serve.preprocess import to_engine_input
 
     fmt = check_export_args(options.format, options.precision, options.input_kind)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -49,6 +49,3 @@ def compare(reference: np.ndarray, engine: np.ndarray, labels: Optional[np.ndarr
         failures.append(f"accuracy drop {ref_acc - eng_acc:.2f} points > {limits['max_accuracy_drop']}")
     return ParityReport(len(reference), float(diff.max()), float(diff.mean()), agreement, ref_acc, eng_acc, not failures, failures)
 
-
-def run_batched(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([fn(images[i : i + batch]) for i in range(0, len(images), batch)])

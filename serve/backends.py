@@ -7,7 +7,7 @@ libraries are imported when a backend is created, so importing this module is ch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Protocol
+from typing import Callable, Dict, List, Optional, Protocol
 
 import numpy as np
 from cskd.export.package import ModelPackage, read_package
@@ -131,6 +131,11 @@ def create_backend(model_dir: str | Path, backend: Optional[str] = None, threads
     if not checkpoint or not Path(checkpoint).is_file():
         raise CSKDError(f"the torch backend needs the source checkpoint {checkpoint!r}, which is not on this machine")
     return TorchBackend(Path(checkpoint), package.input.dtype == "uint8", package.input.mean, package.input.std), package
+
+
+def run_batched(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch: int) -> np.ndarray:
+    """``fn`` over ``inputs`` in slices of at most ``batch`` rows, concatenated."""
+    return np.concatenate([fn(inputs[i : i + batch]) for i in range(0, len(inputs), batch)])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from cskd.serve.backends import create_backend, top_k
+from cskd.serve.backends import create_backend, run_batched, top_k
 from cskd.serve.preprocess import ImageDecodeError, decode_image, to_engine_input
 
 from cskd.errors import CSKDError
@@ -28,8 +28,7 @@ def predict_files(model_dir: Path, images: Sequence[Path], k: int = 5, backend: 
             raise CSKDError(f"{path}: {exc}") from None
     batch = np.stack(arrays)
     size = min(batch_size, spec.max_batch)
-    logits = np.concatenate([engine.infer(to_engine_input(batch[i : i + size], spec.dtype, spec.mean, spec.std))
-                             for i in range(0, len(batch), size)])
+    logits = run_batched(lambda rows: engine.infer(to_engine_input(rows, spec.dtype, spec.mean, spec.std)), batch, size)
     return [{"image": str(path), "top": top} for path, top in zip(images, top_k(logits, k, package.classes))]
 
 

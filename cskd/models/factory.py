@@ -13,8 +13,8 @@ from cskd.errors import CSKDError, did_you_mean
 def create_timm_model(name: str, role: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, pretrained=False, **kwargs)`` with one-line errors.
 
-    Pretrained weights are never fetched implicitly: pass ``pretrained=True`` in ``kwargs`` only
-    when timm's cache already holds them (cskd runs offline by default).
+    Pretrained weights are never fetched implicitly; they stay an explicit user option
+    (``student.kwargs={pretrained: true}``) for when timm's local cache already holds them.
     """
     if not timm.is_model(name):
         raise CSKDError(
