@@ -8,7 +8,6 @@ optionally fails (non-zero exit) when a student is too slow or too inaccurate.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -16,8 +15,15 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from cskd.errors import CSKDError
+from cskd.evaluate import ModelInput, real_images
+from cskd.files import atomic_write_json
+from cskd.plots import plot_bench
+from cskd.runtime.backends import Backend, BackendOptions, create_backend, run_batched
+from cskd.runtime.package import ModelPackage
+from cskd.runtime.preprocess import to_engine_input
 
 
 @dataclass
@@ -41,27 +47,10 @@ class Entry:
     label: str
     role: str
     folder: Path
-    backend: object
-    package: object
+    backend: Backend
+    package: ModelPackage
     latencies: Dict[int, List[float]] = field(default_factory=dict)  # batch -> seconds per call
     top1: Optional[float] = None
-
-
-def resolve_package(path: Path, log: Callable[[str], None]) -> Path:
-    """A model package folder, or a run directory / checkpoint exported to fp32 ONNX on the fly."""
-    from cskd.export.package import MODEL_JSON
-
-    path = Path(path)
-    if (path / MODEL_JSON).is_file():
-        return path
-    from cskd.export.exporter import ExportOptions, default_out, export_model
-
-    options = ExportOptions()
-    out = default_out(path, options)
-    if (out / MODEL_JSON).is_file():
-        return out
-    log(f"{path} is not a model package: exporting it to {out}")
-    return export_model(path, options, log)[0]
 
 
 def _percentile(values: List[float], q: float) -> float:
@@ -87,12 +76,9 @@ def measure(entries: List[Entry], feeds: Dict[str, Dict[int, np.ndarray]], optio
 
 
 def accuracy(entry: Entry, images: np.ndarray, labels: np.ndarray) -> float:
-    from cskd.serve.backends import run_batched
-    from cskd.serve.preprocess import to_engine_input
-
     spec = entry.package.input
     logits = run_batched(lambda rows: entry.backend.infer(to_engine_input(rows, spec.dtype, spec.mean, spec.std)),
-                         images, min(64, spec.max_batch))
+                         images, entry.package.batch_limit(64))
     return 100.0 * float((logits.argmax(1) == labels).mean())
 
 
@@ -139,70 +125,32 @@ def format_table(result: Dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: Dict, folder: Path) -> List[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cskd.checkpoint import atomic_write
-
-    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model in models:
-        rows = [r for r in result["rows"] if r["model"] == model]
-        ax.plot([r["batch"] for r in rows], [r["p50_ms"] for r in rows], marker="o", label=model)
-    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="p50 latency (ms)", title="latency against batch size")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths = [folder / "latency.png", folder / "accuracy_latency.png"]
-    atomic_write(paths[0], lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    smallest = min(r["batch"] for r in result["rows"])
-    for r in (r for r in result["rows"] if r["batch"] == smallest and r["top1"] is not None):
-        ax.scatter(r["p50_ms"], r["top1"], s=60, marker="s" if r["role"] == "teacher" else "o")
-        ax.annotate(r["model"], (r["p50_ms"], r["top1"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    ax.set(xscale="log", xlabel=f"p50 latency at batch {smallest} (ms)", ylabel="top-1 (%)", title="accuracy against latency")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(paths[1], lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-    return paths
-
-
 def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, log: Callable[[str], None] = print) -> Dict:
-    from tqdm import tqdm
-
-    from cskd.checkpoint import ModelSpec
-    from cskd.export.exporter import real_images
-    from cskd.serve.backends import create_backend
-    from cskd.serve.preprocess import to_engine_input
-
+    """Benchmark model package folders ``students`` against ``teacher`` (run directories are
+    exported to packages by the ``cskd bench`` command before they get here)."""
     if not students:
         raise CSKDError("give at least one student model package (or run directory) to benchmark")
     if any(b < 1 for b in options.batch_sizes):
         raise CSKDError(f"batch sizes must be positive, got {list(options.batch_sizes)}")
     entries = []
-    for role, path in [("teacher", teacher)] + [("student", s) for s in students]:
-        folder = resolve_package(Path(path), log)
-        backend, package = create_backend(folder, options.backend, options.threads, spin=False)
+    for role, folder in [("teacher", Path(teacher))] + [("student", Path(s)) for s in students]:
+        backend, package = create_backend(folder, options.backend, BackendOptions(threads=options.threads, spin=False))
         label = f"{package.role} {package.precision}{' u8' if package.input.dtype == 'uint8' else ''} ({folder.name})"
         entries.append(Entry(label, role, folder, backend, package))
     shapes = {(e.package.input.channels, e.package.input.size) for e in entries}
     if len(shapes) != 1:
         raise CSKDError(f"the models take different inputs {sorted(shapes)}; benchmark models of one data set")
-    if max(options.batch_sizes) > min(e.package.input.max_batch for e in entries):
-        raise CSKDError(f"batch size {max(options.batch_sizes)} exceeds a package's --max-batch; re-export or lower it")
+    largest = max(options.batch_sizes)
+    if any(e.package.batch_limit(largest) < largest for e in entries):
+        raise CSKDError(f"batch size {largest} exceeds an engine's batch limit (--max-batch at export); re-export or lower it")
     first = entries[0].package  # real validation images of the data set the models were trained on
-    spec = ModelSpec(first.role, first.architecture, len(first.classes), first.input.channels, first.input.size)
+    model_input = ModelInput(first.input.channels, first.input.size, len(first.classes))
     if options.eval_images > 0:
-        images, labels = real_images(Path(first.source.get("checkpoint", ".")), spec, "val", options.eval_images,
+        images, labels = real_images(Path(first.source.get("checkpoint", ".")), model_input, "val", options.eval_images,
                                      options.data, options.data_path)
     else:  # latency only (e.g. random-weight models): synthetic pixels, no top-1
-        images = np.random.default_rng(0).integers(0, 256, (max(options.batch_sizes), spec.in_chans, spec.img_size,
-                                                             spec.img_size), dtype=np.uint8)
+        images = np.random.default_rng(0).integers(0, 256, (largest, model_input.channels, model_input.size, model_input.size),
+                                                   dtype=np.uint8)
         labels = None
     feeds = {}
     for entry in entries:
@@ -222,7 +170,6 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
         "eval_images": int(len(labels)) if labels is not None else 0,
     })
     result["failures"] = check_gates(result, options)
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    result["plots"] = [str(p) for p in plot(result, options.out)]
+    atomic_write_json(options.out / "bench.json", result)
+    result["plots"] = [str(p) for p in plot_bench(result, options.out)]
     return result

@@ -3,34 +3,33 @@
 A cskd checkpoint is a ``.safetensors`` file whose metadata holds a :class:`ModelSpec` (what to
 build, how to feed it, the class names), so ``cskd eval`` and ``cskd export`` need nothing else.
 Optimizer, scheduler and EMA state for ``--resume`` sit beside it in ``<name>.state.pt``
-(tensors and plain containers only, loaded with ``weights_only=True``).
+(tensors and plain containers only, loaded with ``weights_only=True``). Rebuilding a network from
+a spec is the task's job (:mod:`cskd.tasks`); the rest of a run directory is :mod:`cskd.run`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from cskd.errors import CSKDError
+from cskd.files import atomic_write
 
 FORMAT = "cskd-checkpoint-1"
-BEST, LAST = "best.safetensors", "last.safetensors"
+BEST, LAST = "best.safetensors", "last.safetensors"  # the checkpoints a run directory holds
 
 
 @dataclass
 class ModelSpec:
     """Everything needed to rebuild and feed a trained network."""
 
-    role: str  # "student" (distilled ViT) or "teacher" (CNN)
+    role: str  # "student" (distilled ViT) or "teacher" (CNN): the task that built it
     model: str  # timm model name
     num_classes: int
     in_chans: int
@@ -40,14 +39,7 @@ class ModelSpec:
     mean: Tuple[float, ...] = (0.0,)
     std: Tuple[float, ...] = (1.0,)
     class_names: List[str] = field(default_factory=list)
-
-    def build(self) -> nn.Module:
-        """A freshly initialised network of this spec (student wrapper or teacher wrapper)."""
-        from cskd.models import create_student, create_teacher
-
-        if self.role == "student":
-            return create_student(self.model, self.num_classes, self.img_size, self.patch_size, self.in_chans, **self.kwargs)
-        return create_teacher(self.model, self.num_classes, self.in_chans, **self.kwargs)
+    heads: List[str] = field(default_factory=list)  # students: the heads the prediction averages (empty: all three)
 
     def to_metadata(self) -> Dict[str, str]:
         return {"format": FORMAT, "spec": json.dumps(dataclasses.asdict(self))}
@@ -59,36 +51,6 @@ class ModelSpec:
         raw = json.loads(metadata["spec"])
         raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
         return cls(**raw)
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_weights(path: Path, state_dict: Dict[str, torch.Tensor], spec: ModelSpec, info: Dict[str, Any] | None = None) -> None:
-    """Write weights and their spec (plus small JSON-able ``info``) as one safetensors file."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    metadata = {**spec.to_metadata(), "info": json.dumps(info or {})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -104,6 +66,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def save_weights(path: Path, state_dict: Dict[str, torch.Tensor], spec: ModelSpec, info: Dict[str, Any] | None = None) -> None:
+    """Write weights and their spec (plus small JSON-able ``info``) as one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    metadata = {**spec.to_metadata(), "info": json.dumps(info or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     from safetensors import safe_open
 
@@ -114,24 +85,29 @@ def read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str
         raise CSKDError(f"cannot read {path}: corrupted or not a safetensors file ({exc}); use an intact checkpoint") from None
 
 
+def read_spec(path: Path) -> Optional[ModelSpec]:
+    """The spec of a cskd checkpoint file, or None for a plain state dict."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:
+        raise CSKDError(f"cannot read {path}: corrupted or not a safetensors file ({exc}); use an intact checkpoint") from None
+    return ModelSpec.from_metadata(metadata, path) if metadata.get("format") == FORMAT else None
+
+
 def load_weights(path: str | Path) -> Tuple[Dict[str, torch.Tensor], ModelSpec, Dict[str, Any]]:
-    """Read a cskd checkpoint: ``(state_dict, spec, info)``."""
+    """Read a cskd checkpoint (a file, or a run directory's best): ``(state_dict, spec, info)``."""
     path = resolve_checkpoint(path)
     tensors, metadata = read_safetensors(path)
     spec = ModelSpec.from_metadata(metadata, path)
     return tensors, spec, json.loads(metadata.get("info", "{}"))
 
 
-def load_model(path: str | Path) -> Tuple[nn.Module, ModelSpec, Dict[str, Any]]:
-    """Rebuild the network stored in a cskd checkpoint, in eval mode."""
-    tensors, spec, info = load_weights(path)
-    model = spec.build()
-    inner = model.vit if spec.role == "student" else model.model
-    _load_strict(inner, tensors, resolve_checkpoint(path), spec.model)
-    return model.eval(), spec, info
-
-
-def _read_foreign(path: Path) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     """A plain state dict from a ``.safetensors`` or a torch file (``weights_only``: no pickle code)."""
     if path.suffix == ".safetensors":
         return read_safetensors(path)[0]
@@ -146,7 +122,8 @@ def _read_foreign(path: Path) -> Dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def _load_strict(model: nn.Module, tensors: Dict[str, torch.Tensor], path: Path, arch: str) -> None:
+def load_strict(model: nn.Module, tensors: Dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Load ``tensors`` into ``model``; any missing, unexpected or mis-shaped tensor is an error."""
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
@@ -157,32 +134,16 @@ def _load_strict(model: nn.Module, tensors: Dict[str, torch.Tensor], path: Path,
             f"{path} does not fit {arch!r}: {len(missing)} missing, {len(unexpected)} unexpected, "
             f"{len(mismatched)} mis-shaped tensors (first: {first}); pass a checkpoint of this architecture and class count"
         )
-    model.load_state_dict(tensors)
+    model.load_state_dict(tensors)  # copies into the model's own dtype (fp16 files load into fp32 models)
 
 
-def load_model_weights(model: nn.Module, checkpoint: str | Path, role: str, expect_model: str) -> Optional[ModelSpec]:
-    """Load ``checkpoint`` into a bare timm ``model``; return its spec when it is a cskd checkpoint."""
-    path = resolve_checkpoint(checkpoint)
-    if path.suffix == ".safetensors":
-        tensors, metadata = read_safetensors(path)
-        if metadata.get("format") == FORMAT:
-            spec = ModelSpec.from_metadata(metadata, path)
-            if spec.model != expect_model:
-                raise CSKDError(f"{path} holds {spec.model!r}, not {expect_model!r}; set {role}.model={spec.model}")
-            _load_strict(model, tensors, path, expect_model)
-            return spec
-    else:
-        tensors = _read_foreign(path)
-    _load_strict(model, tensors, path, expect_model)
-    return None
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def load_into(model: nn.Module, path: Path, role: str, expect_model: str) -> Optional[ModelSpec]:
+    """Load checkpoint file ``path`` into a bare timm ``model``; return its spec when it is a cskd checkpoint."""
+    spec = read_spec(path)
+    if spec is not None and spec.model != expect_model:
+        raise CSKDError(f"{path} holds {spec.model!r}, not {expect_model!r}; set {role}.model={spec.model}")
+    load_strict(model, read_state_dict(path), path, expect_model)
+    return spec
 
 
 def save_state(path: Path, state: Dict[str, Any]) -> None:

@@ -14,7 +14,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from cskd.data.datasets import DATASETS
+from cskd.engine import AMP_MODES
 from cskd.errors import CSKDError, did_you_mean
+from cskd.files import atomic_write_text
+from cskd.loss import DECAYS, KD_TYPES
+from cskd.tasks import TASKS
 
 
 @dataclass
@@ -104,13 +109,14 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Allowed values come from the modules that own them.
 _CHOICES = {
-    "data.name": ("fashion-mnist-demo", "fashion-mnist", "imagefolder"),
-    "train.target": ("student", "teacher"),
-    "train.amp": ("auto", "bf16", "fp16", "off"),
-    "loss.deit_type": ("hard", "soft", "none"),
-    "loss.cskd_type": ("hard", "soft", "none"),
-    "loss.decay": ("linear", "x2", "cos", "none"),
+    "data.name": tuple(DATASETS),
+    "train.target": tuple(TASKS),
+    "train.amp": AMP_MODES,
+    "loss.deit_type": KD_TYPES,
+    "loss.cskd_type": KD_TYPES,
+    "loss.decay": DECAYS,
 }
 # key: (low, high, low inclusive) -- ranges a run can sensibly take
 _RANGES = {
@@ -270,7 +276,7 @@ def validate(cfg: Config) -> None:
         raise CSKDError(
             f"student.img_size={cfg.student.img_size} is not a multiple of student.patch_size={cfg.student.patch_size}"
         )
-    if cfg.train.target == "student" and (cfg.loss.deit_type != "none" or cfg.loss.cskd_type != "none"):
+    if TASKS[cfg.train.target].distils(cfg):
         if not cfg.teacher.checkpoint:
             raise CSKDError(
                 "distillation needs a trained teacher: set teacher.checkpoint=RUN_DIR (train one with "
@@ -279,7 +285,4 @@ def validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from cskd.checkpoint import atomic_write
-
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -6,7 +6,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Sequence
+from typing import Callable, Dict, Iterable, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -15,6 +15,15 @@ from cskd.data.transforms import normalize
 from cskd.distributed import DistEnv, all_reduce_sum
 from cskd.errors import CSKDError
 from cskd.loss import ckf_ratio
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def amp_dtype(setting: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``train.amp``: ``auto`` is bf16 on CUDA and full precision elsewhere."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[setting]
 
 
 class DivergedError(CSKDError):
@@ -36,17 +45,37 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class TeacherTargets(Protocol):
+    """The teacher's ``(dense [N,K,H,W], global [N,K])`` logits for a batch of augmented images."""
+
+    def __call__(self, images: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+
+@dataclass
+class OnlineTeacher:
+    """Runs the frozen teacher on each batch, normalised its own way."""
+
+    teacher: nn.Module  # DenseTeacher
+    norm: "Normalization"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        dense, global_logits = self.teacher(self.norm(images))
+        return dense.float(), global_logits.float()
+
+
 @dataclass
 class StepContext:
     """What one optimisation step needs besides the batch."""
 
-    model: nn.Module  # student wrapper (or the bare CNN when training a teacher), maybe DDP-wrapped
-    teacher: Optional[nn.Module]  # frozen DenseTeacher, or None without distillation
+    task: object  # cskd.tasks.Task: how to score a batch
+    model: nn.Module  # what the task trains, maybe DDP- or compile-wrapped
+    teacher: Optional[TeacherTargets]  # None without distillation
     criterion: Callable  # CSKDLoss for students; (logits, targets) -> loss for teachers
     optimizer: torch.optim.Optimizer
     scheduler: object  # timm scheduler, stepped per update
-    student_norm: Normalization
-    teacher_norm: Optional[Normalization]
+    model_norm: Normalization  # the trained network's input normalisation
     env: DistEnv
     amp_dtype: Optional[torch.dtype] = None
     scaler: Optional[torch.amp.GradScaler] = None
@@ -56,17 +85,11 @@ class StepContext:
     decay: str = "linear"
 
 
-def _loss_parts(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor, progress: float) -> Dict[str, torch.Tensor]:
+def _loss_parts(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor, batch: Dict[str, torch.Tensor],
+                progress: float) -> Dict[str, torch.Tensor]:
     with autocast(ctx.env.device, ctx.amp_dtype):
-        outputs = ctx.model(ctx.student_norm(images))
-        if ctx.teacher is None:
-            if isinstance(outputs, tuple):  # student without distillation
-                return ctx.criterion(outputs, targets, None, progress)
-            return {"loss": ctx.criterion(outputs, targets)}  # teacher training: plain classification
-        with torch.no_grad():
-            teacher_out = ctx.teacher(ctx.teacher_norm(images))
-        teacher_out = tuple(t.float() for t in teacher_out)
-        return ctx.criterion(tuple(o.float() for o in outputs), targets, teacher_out, progress)
+        teacher_out = ctx.teacher(images, batch) if ctx.teacher is not None else None
+        return ctx.task.loss_parts(ctx.model, ctx.criterion, ctx.model_norm(images), targets, teacher_out, progress)
 
 
 def train_one_epoch(
@@ -82,13 +105,13 @@ def train_one_epoch(
     sums: Dict[str, torch.Tensor] = {}
     seen, start = 0, time.perf_counter()
     step = epoch * steps_per_epoch
-    for i, (images, targets) in enumerate(loader):
+    for i, (images, targets, batch) in enumerate(loader):
         images = images.to(ctx.env.device, non_blocking=True)
         targets = targets.to(ctx.env.device, non_blocking=True)
         if ctx.mixup is not None:
             images, targets = ctx.mixup(images, targets)
         progress = step / total_steps
-        parts = _loss_parts(ctx, images, targets, progress)
+        parts = _loss_parts(ctx, images, targets, batch, progress)
         loss = parts["loss"]
         ctx.optimizer.zero_grad(set_to_none=True)
         if ctx.scaler is not None:
@@ -136,35 +159,22 @@ def _check_finite(value: float, epoch: int, step: int) -> None:
         )
 
 
-STUDENT_HEADS = ("cls", "dist", "dense", "fused")
-TEACHER_HEADS = ("global", "dense")
-
-
-def head_logits(model: nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Logits of every head of a student wrapper or teacher wrapper."""
-    from cskd.models import DenseTeacher
-
-    if isinstance(model, DenseTeacher):
-        dense, global_logits = model(images)
-        return {"global": global_logits, "dense": dense.mean(dim=(2, 3))}
-    out = model.forward_heads(images)
-    return {"cls": out.cls, "dist": out.dist, "dense": out.dense.mean(dim=(2, 3)), "fused": out.fused()}
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
+    head_logits: Callable[[nn.Module, torch.Tensor], Dict[str, torch.Tensor]],
     loader: Iterable,
     norm: Normalization,
     env: DistEnv,
     amp_dtype: Optional[torch.dtype] = None,
     progress_bar: Optional[object] = None,
 ) -> Dict[str, Dict[str, float]]:
-    """Top-1 and top-5 accuracy (percent) of every head, summed over all processes."""
+    """Top-1 and top-5 accuracy (percent) of every head ``head_logits(model, images)`` gives,
+    summed over all processes."""
     model.eval()
     correct: Dict[str, torch.Tensor] = {}
     count = torch.zeros((), device=env.device)
-    for images, targets in loader:
+    for images, targets, *_ in loader:
         images, targets = images.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
         with autocast(env.device, amp_dtype):
             logits = head_logits(model, norm(images))

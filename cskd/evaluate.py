@@ -2,41 +2,62 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-import yaml
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from cskd.checkpoint import ModelSpec, atomic_write, load_model, resolve_checkpoint
+from cskd.checkpoint import ModelSpec, resolve_checkpoint
+from cskd.data.datasets import build_dataset
+from cskd.data.samples import sample_images
+from cskd.data.transforms import eval_transform
+from cskd.distributed import DistEnv, pick_device
+from cskd.engine import Normalization, evaluate
+from cskd.errors import CSKDError
+from cskd.files import atomic_write_json
+from cskd.run import RunDir
+from cskd.tasks import load_trained
+
+DEMO_DATA = "fashion-mnist-demo"
 
 
-def data_defaults(checkpoint: Path) -> Dict[str, Any]:
-    """The data section of the run that wrote ``checkpoint`` (its config.yaml), if there is one."""
-    config = checkpoint.parent / "config.yaml"
-    if config.is_file():
-        return (yaml.safe_load(config.read_text()) or {}).get("data", {})
-    return {}
+@dataclass(frozen=True)
+class ModelInput:
+    """What a model takes and predicts: enough to pick its evaluation images."""
+
+    channels: int
+    size: int
+    num_classes: int
+
+    @classmethod
+    def of_spec(cls, spec: ModelSpec) -> "ModelInput":
+        return cls(spec.in_chans, spec.img_size, spec.num_classes)
 
 
-def evaluation_dataset(checkpoint: Path, spec: ModelSpec, split: str, data_name: Optional[str] = None,
-                       data_path: Optional[str] = None) -> Tuple[Any, str]:
-    """``(dataset, name)``: a split of the data set ``checkpoint`` was trained on (or the one named),
+def evaluation_dataset(checkpoint: Path, model: ModelInput, split: str, data_name: Optional[str] = None,
+                       data_path: Optional[str] = None) -> Tuple[Dataset, str]:
+    """``(dataset, name)``: a split of the data set ``checkpoint``'s run trained on (or the one named),
     with the eval transform at the model's size and channels; its classes must match the model's."""
-    from cskd.data.datasets import build_dataset
-    from cskd.data.transforms import eval_transform
-    from cskd.errors import CSKDError
-
-    defaults = data_defaults(checkpoint)
-    name = data_name or defaults.get("name", "fashion-mnist-demo")
-    same_data = name == defaults.get("name")
-    path = data_path or (defaults.get("path") if same_data else None)
-    interpolation = defaults.get("interpolation", "bicubic") if same_data else "bicubic"
-    dataset, info = build_dataset(name, split, path, spec.in_chans, eval_transform(spec.img_size, spec.in_chans, interpolation))
-    if info.num_classes != spec.num_classes:
-        raise CSKDError(f"{checkpoint} predicts {spec.num_classes} classes but {name} has {info.num_classes}; "
+    run = RunDir.of_checkpoint(checkpoint)
+    defaults = run.data_config() if run is not None else None
+    name = data_name or (defaults.name if defaults else DEMO_DATA)
+    same_data = defaults is not None and name == defaults.name
+    path = data_path or (defaults.path if same_data else None)
+    interpolation = defaults.interpolation if same_data else "bicubic"
+    dataset, info = build_dataset(name, split, path, model.channels, eval_transform(model.size, model.channels, interpolation))
+    if info.num_classes != model.num_classes:
+        raise CSKDError(f"{checkpoint} predicts {model.num_classes} classes but {name} has {info.num_classes}; "
                         "use the data set it was trained on (--data)")
     return dataset, name
+
+
+def real_images(checkpoint: Path, model: ModelInput, split: str, count: int, data: Optional[str] = None,
+                data_path: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """``count`` images of the run's data set as uint8 ``[N, C, H, W]`` at the model's size, with labels."""
+    return sample_images(evaluation_dataset(checkpoint, model, split, data, data_path)[0], count)
 
 
 def run_eval(
@@ -49,27 +70,22 @@ def run_eval(
     workers: int = 2,
     show_progress: bool = True,
 ) -> Dict[str, Any]:
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from cskd.distributed import DistEnv, pick_device
-    from cskd.engine import Normalization, evaluate
-
-    path = resolve_checkpoint(checkpoint)
-    model, spec, info = load_model(path)
-    dataset, name = evaluation_dataset(path, spec, split, data_name, data_path)
+    trained = load_trained(resolve_checkpoint(checkpoint))
+    dataset, name = evaluation_dataset(trained.path, ModelInput.of_spec(trained.spec), split, data_name, data_path)
     env = DistEnv(0, 1, 0, pick_device(device))
-    model.to(env.device)
+    trained.model.to(env.device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    with tqdm(total=len(loader), desc=f"eval {path.name}", unit="batch", leave=False, disable=not show_progress) as bar:
-        result = evaluate(model, loader, Normalization(spec.mean, spec.std), env, progress_bar=bar)
+    norm = Normalization(trained.spec.mean, trained.spec.std)
+    with tqdm(total=len(loader), desc=f"eval {trained.path.name}", unit="batch", leave=False, disable=not show_progress) as bar:
+        result = evaluate(trained.model, trained.task.head_logits, loader, norm, env, progress_bar=bar)
     return {
-        "checkpoint": str(path),
-        "model": spec.model,
-        "role": spec.role,
+        "checkpoint": str(trained.path),
+        "model": trained.spec.model,
+        "role": trained.spec.role,
+        "heads": trained.spec.heads,
         "data": name,
         "split": split,
-        "trained_epochs": info.get("epoch"),
+        "trained_epochs": trained.info.get("epoch"),
         **result,
     }
 
@@ -79,8 +95,10 @@ def format_table(result: Dict[str, Any]) -> str:
              f"{'head':<8} {'top-1':>7} {'top-5':>7}"]
     for head, top1 in result["top1"].items():
         lines.append(f"{head:<8} {top1:>6.2f}% {result['top5'][head]:>6.2f}%")
+    if result.get("heads"):
+        lines.append(f"fused = mean of {' + '.join(result['heads'])}")
     return "\n".join(lines)
 
 
 def write_json(result: Dict[str, Any], path: Path) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    atomic_write_json(path, result)

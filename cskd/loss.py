@@ -26,6 +26,22 @@ DECAYS = ("linear", "x2", "cos", "none")
 KD_TYPES = ("hard", "soft", "none")
 
 
+def needs_teacher(deit_type: str, cskd_type: str) -> bool:
+    """Whether these switches distil at all (else it is plain supervised training)."""
+    return deit_type != "none" or cskd_type != "none"
+
+
+def trained_heads(alpha: float, deit_type: str, cskd_type: str, cskd_weight: float) -> Tuple[str, ...]:
+    """The student heads this loss trains, hence the ones its prediction should average.
+
+    The class token learns from the labels (weight 1 - alpha), the distillation token from the
+    teacher or, without one, from the labels (weight alpha), the patch tokens only from CSKD.
+    """
+    heads = [name for name, on in (("cls", alpha < 1), ("dist", alpha > 0),
+                                   ("dense", cskd_type != "none" and cskd_weight > 0)) if on]
+    return tuple(heads)
+
+
 def ckf_ratio(progress: float, decay: str) -> float:
     """Weight ``r`` of the teacher's dense logits at training progress ``x = t / T`` in [0, 1]."""
     x = min(max(float(progress), 0.0), 1.0)
@@ -128,7 +144,11 @@ class CSKDLoss(nn.Module):
 
     @property
     def needs_teacher(self) -> bool:
-        return self.deit_type != "none" or self.cskd_type != "none"
+        return needs_teacher(self.deit_type, self.cskd_type)
+
+    @property
+    def heads(self) -> Tuple[str, ...]:
+        return trained_heads(self.alpha, self.deit_type, self.cskd_type, self.cskd_weight)
 
     def forward(
         self,

@@ -1,17 +1,33 @@
-"""Training curves as a PNG: losses, learning rate with the CKF ratio, validation top-1 per head."""
+"""PNG plots: training curves, and latency / accuracy of benchmarked packages.
+
+matplotlib is imported on first use (it is heavy and only plots need it), with its file-only backend.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Dict, List
 
+from cskd.files import atomic_write
 
-def plot_curves(rows: List[Dict[str, Any]], path: Path) -> None:
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    _pyplot().close(fig)
+
+
+def plot_curves(rows: List[Dict[str, Any]], path: Path) -> None:
+    """Loss parts, learning rate with the CKF ratio, and validation top-1 per head against epochs."""
+    plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for key in sorted(k for k in rows[0] if k.startswith("loss")):
@@ -33,7 +49,30 @@ def plot_curves(rows: List[Dict[str, Any]], path: Path) -> None:
     axes[1].legend(loc="upper left")
     axes[2].legend()
     fig.tight_layout()
-    from cskd.checkpoint import atomic_write
+    _save(fig, path)
 
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+
+def plot_bench(result: Dict[str, Any], folder: Path) -> List[Path]:
+    """``latency.png`` (p50 against batch size) and ``accuracy_latency.png`` of a ``cskd bench`` result."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in models:
+        rows = [r for r in result["rows"] if r["model"] == model]
+        ax.plot([r["batch"] for r in rows], [r["p50_ms"] for r in rows], marker="o", label=model)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="p50 latency (ms)", title="latency against batch size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [folder / "latency.png", folder / "accuracy_latency.png"]
+    _save(fig, paths[0])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    smallest = min(r["batch"] for r in result["rows"])
+    for r in (r for r in result["rows"] if r["batch"] == smallest and r["top1"] is not None):
+        ax.scatter(r["p50_ms"], r["top1"], s=60, marker="s" if r["role"] == "teacher" else "o")
+        ax.annotate(r["model"], (r["p50_ms"], r["top1"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set(xscale="log", xlabel=f"p50 latency at batch {smallest} (ms)", ylabel="top-1 (%)", title="accuracy against latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, paths[1])
+    return paths

@@ -11,19 +11,19 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
-from cskd.serve.backends import create_backend
-from cskd.serve.batcher import DynamicBatcher
-from cskd.serve.errors import APIError, error_body, install_handlers
-from cskd.serve.metrics import create_metrics
-from cskd.serve.routers import health, kserve, model, predict
-from cskd.serve.settings import ServeSettings
-from cskd.serve.state import Serving
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from cskd import __version__
+from cskd.runtime.backends import BackendOptions, create_backend
+from cskd.serve.batcher import DynamicBatcher
+from cskd.serve.errors import APIError, error_body, install_handlers
+from cskd.serve.metrics import create_metrics
+from cskd.serve.routers import health, kserve, model, predict
+from cskd.serve.settings import ServeSettings
+from cskd.serve.state import Serving
 
 
 def _lifespan(serving: Serving):
@@ -32,15 +32,14 @@ def _lifespan(serving: Serving):
         settings = serving.settings
         # No spinning: idle onnxruntime threads would otherwise burn the cores the event loop,
         # the decoders and the next batch need.
-        backend, package = await run_in_threadpool(create_backend, settings.model_dir, settings.backend, settings.threads,
-                                                   False)
-        spec = package.input
-        warm = np.zeros((min(settings.max_batch, spec.max_batch), spec.channels, spec.size, spec.size),
-                        dtype=np.uint8 if spec.dtype == "uint8" else np.float32)
+        options = BackendOptions(threads=settings.threads, spin=False)
+        backend, package = await run_in_threadpool(create_backend, settings.model_dir, settings.backend, options)
+        spec, max_batch = package.input, package.batch_limit(settings.max_batch)
+        warm = np.zeros((max_batch, spec.channels, spec.size, spec.size), dtype=np.uint8 if spec.dtype == "uint8" else np.float32)
         await run_in_threadpool(backend.infer, warm)  # first call allocates and picks kernels
         metrics = serving.metrics
         serving.batcher = DynamicBatcher(
-            backend.infer, min(settings.max_batch, spec.max_batch), settings.max_wait_ms, settings.max_queue,
+            backend.infer, max_batch, settings.max_wait_ms, settings.max_queue,
             on_batch=lambda size, seconds: (metrics.batch_size.observe(size), metrics.inference_seconds.observe(seconds)),
             on_queue=metrics.queue_depth.set,
         )

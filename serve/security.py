@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hmac
 
-from cskd.serve.errors import APIError
 from fastapi import Request
+
+from cskd.serve.errors import APIError
 
 
 async def require_api_key(request: Request) -> None:

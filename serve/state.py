@@ -8,14 +8,15 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
-from cskd.export.package import ModelPackage
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+
+from cskd.runtime.package import ModelPackage
+from cskd.runtime.preprocess import ImageDecodeError, decode_image, to_engine_input
 from cskd.serve.batcher import DeadlineExceeded, DynamicBatcher, QueueFull
 from cskd.serve.errors import APIError, bad_image, overloaded
 from cskd.serve.metrics import ServeMetrics
-from cskd.serve.preprocess import ImageDecodeError, decode_image, to_engine_input
 from cskd.serve.settings import ServeSettings
-from fastapi import Request
-from fastapi.concurrency import run_in_threadpool
 
 
 @dataclass

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import time
 
-import cskd.serve.backends as backends
 import pytest
-from cskd.export.exporter import ExportOptions, export_model
 
+import cskd.bench
 from cskd.bench import BenchOptions, run_bench
+from cskd.export.exporter import ExportOptions, export_model
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def packages(trained_run, tmp_path_factory):
 
 def slow_down(monkeypatch, role: str, seconds: float) -> None:
     """Make every backend of ``role`` sleep before each call: a deliberately slow model."""
-    real = backends.create_backend
+    real = cskd.bench.create_backend
 
     def create(folder, *args, **kwargs):
         backend, package = real(folder, *args, **kwargs)
@@ -32,7 +32,7 @@ def slow_down(monkeypatch, role: str, seconds: float) -> None:
             backend.infer = lambda batch: (time.sleep(seconds), infer(batch))[1]
         return backend, package
 
-    monkeypatch.setattr(backends, "create_backend", create)
+    monkeypatch.setattr(cskd.bench, "create_backend", create)
 
 
 def quick(tmp_path, **kwargs) -> BenchOptions:

@@ -9,15 +9,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from cskd.checkpoint import (
-    ModelSpec,
-    atomic_write,
-    load_model,
-    load_weights,
-    save_weights,
-)
+from cskd.checkpoint import ModelSpec, load_weights, save_weights
 from cskd.errors import CSKDError
+from cskd.files import atomic_write
 from cskd.models import create_teacher
+from cskd.tasks import load_trained
 
 SPEC = ModelSpec("student", "cskd_deit_nano_distilled_patch4_32", 10, 1, 32, 4,
                  {"embed_dim": 32, "depth": 1, "num_heads": 2}, (0.5,), (0.25,), [str(i) for i in range(10)])
@@ -25,7 +21,8 @@ SPEC = ModelSpec("student", "cskd_deit_nano_distilled_patch4_32", 10, 1, 32, 4,
 
 def test_round_trip_rebuilds_the_same_model(tmp_path, tiny_student):
     save_weights(tmp_path / "w.safetensors", tiny_student.vit.state_dict(), SPEC, {"epoch": 3})
-    model, spec, info = load_model(tmp_path / "w.safetensors")
+    trained = load_trained(tmp_path / "w.safetensors")
+    model, spec, info = trained.model, trained.spec, trained.info
     assert spec == SPEC and info == {"epoch": 3}
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cskd.checkpoint import file_sha256
+from cskd.files import file_sha256
 from tests.conftest import quick_overrides
 
 
@@ -84,7 +84,8 @@ def test_eval_matches_the_training_time_validation(tmp_path):
     ],
 )
 def test_bad_input_gives_one_line_and_a_nonzero_exit(tmp_path, args, fragments):
-    assert_one_line_error(cskd(*args, f"output={tmp_path / 'out'}" if args[0] == "train" and "--resume" not in args else "--no-progress"), *fragments)
+    extra = f"output={tmp_path / 'out'}" if args[0] == "train" and "--resume" not in args else "--no-progress"
+    assert_one_line_error(cskd(*args, extra), *fragments)
 
 
 def test_teacher_of_another_class_count_is_refused(tmp_path):

@@ -10,14 +10,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from cskd.export.exporter import ExportOptions, export_model
-from cskd.export.graph import build_deploy_module
-from cskd.export.package import read_package
-from cskd.serve.preprocess import to_engine_input
 
-from cskd.checkpoint import load_model
 from cskd.errors import CSKDError
-from cskd.train import demo_teacher_path
+from cskd.export.exporter import ExportOptions, export_model
+from cskd.models import DeployModule
+from cskd.run import resolve_teacher_reference
+from cskd.runtime.package import read_package
+from cskd.runtime.preprocess import to_engine_input
+from cskd.tasks import load_trained
 from tests.conftest import val_images
 
 
@@ -31,8 +31,9 @@ def fp32_package(trained_run, tmp_path_factory):
 
 
 def torch_logits(run, images: np.ndarray, uint8: bool = False) -> np.ndarray:
-    model, spec, _ = load_model(run)
-    module = build_deploy_module(model, spec, uint8, probabilities=False)
+    trained = load_trained(run)
+    spec = trained.spec
+    module = DeployModule(trained.deployable(), spec.mean, spec.std, uint8, probabilities=False).eval()
     feed = to_engine_input(images, "uint8" if uint8 else "float32", spec.mean, spec.std)
     with torch.inference_mode():
         return module(torch.from_numpy(feed)).numpy()
@@ -105,7 +106,7 @@ def test_reduced_precision_agrees_with_fp32_on_real_images(trained_run, tmp_path
 def test_teacher_exports_in_the_same_package_format(trained_run, tmp_path):
     out, package = export(trained_run, tmp_path / "teacher", teacher=True, probabilities=True)
     assert package.role == "teacher" and package.fused is False and package.outputs == ["logits", "probabilities"]
-    assert package.source["sha256"] and package.source["checkpoint"] == str(demo_teacher_path().resolve())
+    assert package.source["sha256"] and package.source["checkpoint"] == str(resolve_teacher_reference("demo").resolve())
     assert package.parity["agreement"] == 100.0
     probs = ort.InferenceSession(str(out / "model.onnx")).run(["probabilities"], {
         "input": to_engine_input(val_images(4)[0], "float32", package.input.mean, package.input.std)})[0]

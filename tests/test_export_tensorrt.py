@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from cskd.export.tensorrt import tensorrt_available
+
+from cskd.runtime.tensorrt import tensorrt_available
 
 try:
     import tensorrt  # noqa: F401
@@ -21,7 +22,7 @@ def test_trt_export_without_tensorrt_says_how_to_get_it(trained_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cskd", "export", str(trained_run), "--format", "trt",
                            "--out", str(tmp_path / "trt")], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "pip install tensorrt" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "pip install 'cskd[gpu]'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "trt").exists()
 
 

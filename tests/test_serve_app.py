@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from cskd.export.exporter import ExportOptions, export_model
-from cskd.serve.app import create_app
-from cskd.serve.predict import predict_files
 from fastapi.testclient import TestClient
 from PIL import Image
+
+from cskd.export.exporter import ExportOptions, export_model
+from cskd.runtime.predict import predict_files
+from cskd.serve.app import create_app
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from cskd.export.exporter import ExportOptions, export_model
-from cskd.serve.preprocess import ImageDecodeError, decode_image
 from PIL import Image
 
-from cskd.checkpoint import load_model
 from cskd.data.datasets import build_dataset
 from cskd.data.transforms import eval_transform
 from cskd.engine import Normalization
+from cskd.export.exporter import ExportOptions, export_model
+from cskd.runtime.preprocess import ImageDecodeError, decode_image
+from cskd.tasks import load_trained
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_predict_matches_the_pytorch_model_used_by_eval(trained_run, package_dir
     assert proc.returncode == 0, proc.stderr
     predicted = [r["top"][0]["index"] for r in json.loads((tmp_path / "p.json").read_text())]
     # The eval pipeline: timm's eval transform and the checkpoint in PyTorch (cskd eval's code path).
-    model, spec, _ = load_model(trained_run)
+    trained = load_trained(trained_run)
+    model, spec = trained.model, trained.spec
     tf, norm = eval_transform(spec.img_size, 1), Normalization(spec.mean, spec.std)
     batch = torch.stack([tf(Image.open(p).convert("L")) for p in paths])
     with torch.inference_mode():

@@ -12,11 +12,11 @@ import time
 import httpx
 import pytest
 import schemathesis
-from cskd.export.exporter import ExportOptions, export_model
-from cskd.serve.loadtest import run_load
-from cskd.serve.predict import predict_files
 from hypothesis import HealthCheck, settings
 
+from cskd.export.exporter import ExportOptions, export_model
+from cskd.loadtest import run_load
+from cskd.runtime.predict import predict_files
 from tests.test_serve_app import png_bytes, val_png_files
 
 API_KEY = "test-key"

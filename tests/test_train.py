@@ -11,11 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 import cskd.engine
-from cskd.checkpoint import file_sha256, load_model
 from cskd.config import load_config
 from cskd.errors import CSKDError
+from cskd.files import file_sha256
 from cskd.models import create_teacher
-from cskd.train import read_metrics, train
+from cskd.run import RunDir
+from cskd.tasks import load_trained
+from cskd.train import train
 from tests.conftest import quick_overrides
 
 # No randomness from augmentation, so runs compare exactly.
@@ -30,7 +32,7 @@ def run(tmp_path, name="run", **extra):
 @pytest.mark.slow
 def test_cskd_training_makes_the_loss_fall(tmp_path):
     result = run(tmp_path, **{"train.epochs": 4, "train.lr": 0.1, "data.max_train": 512, **PLAIN})
-    rows = read_metrics(result.run_dir)
+    rows = RunDir(result.run_dir).metrics()
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     losses = [r["loss"] for r in rows]
     assert all(a > b for a, b in zip(losses, losses[1:])), losses  # falls every epoch
@@ -65,13 +67,13 @@ def test_resume_after_a_mid_epoch_crash_equals_an_uninterrupted_run(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "crashed", **extra)
     monkeypatch.undo()
-    assert [r["epoch"] for r in read_metrics(tmp_path / "crashed")] == [1]
+    assert [r["epoch"] for r in RunDir(tmp_path / "crashed").metrics()] == [1]
     cfg = load_config(tmp_path / "crashed" / "config.yaml")
     resumed = train(cfg, resume=True, show_progress=False)
     a, b = load_file(reference.run_dir / "last.safetensors"), load_file(resumed.run_dir / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in rows]  # noqa: E731
-    assert strip(read_metrics(resumed.run_dir)) == strip(read_metrics(reference.run_dir))
+    assert strip(RunDir(resumed.run_dir).metrics()) == strip(RunDir(reference.run_dir).metrics())
 
 
 @pytest.mark.slow
@@ -104,7 +106,7 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
 def test_teacher_training_writes_a_loadable_teacher(tmp_path):
     result = run(tmp_path, "teacher", **{"train.target": "teacher", "train.epochs": 1, "teacher.kwargs": "{output_stride: 8}",
                                          "teacher.checkpoint": "null"})
-    _, spec, _ = load_model(result.run_dir)
+    spec = load_trained(result.run_dir).spec
     assert spec.role == "teacher" and spec.kwargs == {"output_stride": 8}
     teacher = create_teacher(spec.model, 10, 1, checkpoint=result.run_dir, **spec.kwargs)
     dense, global_logits = teacher(torch.rand(2, 1, 32, 32))
@@ -130,6 +132,6 @@ def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(tmp_path)
     single = run(tmp_path, "single", **{**common, "train.batch_size": 16})
     a, b = load_file(tmp_path / "ddp" / "last.safetensors"), load_file(single.run_dir / "last.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    ddp_rows, single_rows = read_metrics(tmp_path / "ddp"), read_metrics(single.run_dir)
+    ddp_rows, single_rows = RunDir(tmp_path / "ddp").metrics(), RunDir(single.run_dir).metrics()
     assert [r["loss"] for r in ddp_rows] == pytest.approx([r["loss"] for r in single_rows], rel=1e-5)
     assert [r["val_top1_fused"] for r in ddp_rows] == [r["val_top1_fused"] for r in single_rows]

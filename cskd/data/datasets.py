@@ -7,7 +7,6 @@ Every data set yields ``(PIL image, label)`` through a transform and carries a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -15,7 +14,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cskd.errors import CSKDError
+from cskd.assets import demo_arrays
+from cskd.data.idx import read_idx_split
+from cskd.errors import CSKDError, did_you_mean
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -23,6 +24,11 @@ FASHION_MNIST_CLASSES = [
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MNIST_DEBIAN_PATH = "/usr/share/datasets/fashion-mnist"
+DATASETS = {
+    "fashion-mnist-demo": "the Fashion-MNIST subset embedded in cskd (10,000 train / 2,000 val images)",
+    "fashion-mnist": "Fashion-MNIST IDX files (data.path, default the Debian package's folder)",
+    "imagefolder": "data.path/train/<class>/*.jpg and data.path/val/<class>/*.jpg",
+}
 
 
 @dataclass(frozen=True)
@@ -51,16 +57,7 @@ class ArrayImageDataset(Dataset):
         return (self.transform(image) if self.transform else image), int(self.labels[index])
 
 
-def demo_arrays(split: str) -> Tuple[np.ndarray, np.ndarray]:
-    """The embedded subset (made by scripts/make_demo_data.py): 10,000 train / 2,000 val images."""
-    with resources.files("cskd").joinpath("assets/fashion_mnist_demo.npz").open("rb") as f:
-        arrays = np.load(f)
-        return arrays[f"{split}_images"], arrays[f"{split}_labels"]
-
-
 def fashion_mnist_arrays(path: Optional[str], split: str) -> Tuple[np.ndarray, np.ndarray]:
-    from cskd.data.idx import read_idx_split
-
     return read_idx_split(path or FASHION_MNIST_DEBIAN_PATH, "train" if split == "train" else "t10k")
 
 
@@ -92,4 +89,4 @@ def build_dataset(
         dataset = _image_folder(Path(path), split, channels, transform)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
         return dataset, DatasetInfo(list(dataset.classes), channels, mean, std)
-    raise CSKDError(f"unknown data set {name!r}; use fashion-mnist-demo, fashion-mnist or imagefolder")
+    raise CSKDError(f"unknown data set {name!r}{did_you_mean(name, DATASETS)}; use one of {', '.join(DATASETS)}")

@@ -8,7 +8,7 @@ token and the patch tokens (CSKD, Zhao et al., ICCV 2023).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Tuple, Union
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -17,22 +17,41 @@ import torch.nn as nn
 from cskd.errors import CSKDError
 from cskd.models.factory import create_timm_model
 
+HEADS = ("cls", "dist", "dense")  # class token, distillation token, mean of the patch tokens
+
+
+def check_heads(heads: Sequence[str]) -> Tuple[str, ...]:
+    """``heads`` in canonical order; an unknown or empty selection is an error."""
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown or not heads:
+        raise CSKDError(f"student heads {list(heads)} must be a non-empty subset of {list(HEADS)}")
+    return tuple(h for h in HEADS if h in heads)
+
 
 class StudentOutput(NamedTuple):
     cls: torch.Tensor  # [N, K] class-token logits
     dist: torch.Tensor  # [N, K] distillation-token logits
     dense: torch.Tensor  # [N, K, h, w] patch-token logits through head_dist
 
-    def fused(self) -> torch.Tensor:
-        """The inference prediction: the mean of the three heads."""
-        return (self.cls + self.dist + self.dense.mean(dim=(2, 3))) / 3
+    def head(self, name: str) -> torch.Tensor:
+        """One head's image-level logits ``[N, K]`` (the dense head averaged over the grid)."""
+        return self.dense.mean(dim=(2, 3)) if name == "dense" else getattr(self, name)
+
+    def fused(self, heads: Sequence[str] = HEADS) -> torch.Tensor:
+        """The inference prediction: the mean of the chosen heads (all three for a CSKD student)."""
+        return sum(self.head(h) for h in heads) / len(heads)
 
 
 class DistilledStudent(nn.Module):
-    """Wraps a timm distilled ViT; train-mode forward gives a tuple, eval-mode the fused logits."""
+    """Wraps a timm distilled ViT; train-mode forward gives a tuple, eval-mode the fused logits.
 
-    def __init__(self, vit: nn.Module) -> None:
+    ``heads`` are the heads the eval-mode prediction averages: the ones the loss trained (a DeiT
+    student never trains its patch tokens, so averaging them in would only add noise).
+    """
+
+    def __init__(self, vit: nn.Module, heads: Sequence[str] = HEADS) -> None:
         super().__init__()
+        self.heads = check_heads(heads)
         if not hasattr(vit, "head_dist") or getattr(vit, "num_prefix_tokens", 0) != 2:
             distilled = ", ".join(timm.list_models("deit*distilled*"))
             raise CSKDError(
@@ -62,7 +81,7 @@ class DistilledStudent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Union[StudentOutput, torch.Tensor]:
         out = self.forward_heads(x)
-        return out if self.training else out.fused()
+        return out if self.training else out.fused(self.heads)
 
 
 def create_student(
@@ -71,9 +90,12 @@ def create_student(
     img_size: int,
     patch_size: int,
     in_chans: int = 3,
+    heads: Optional[Sequence[str]] = None,
     **timm_kwargs: Any,
 ) -> DistilledStudent:
     """Build a distilled DeiT at any image size, patch size and channel count.
+
+    ``heads`` chooses what the eval-mode prediction averages (default all three: cls, dist, dense).
 
     Example::
 
@@ -90,4 +112,4 @@ def create_student(
         name, "student", num_classes=num_classes, img_size=img_size, patch_size=patch_size,
         in_chans=in_chans, **timm_kwargs,
     )
-    return DistilledStudent(vit)
+    return DistilledStudent(vit, heads or HEADS)

@@ -13,6 +13,7 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from cskd.checkpoint import load_into, resolve_checkpoint
 from cskd.errors import CSKDError
 from cskd.models.factory import create_timm_model
 
@@ -79,9 +80,7 @@ def create_teacher(
     model = create_timm_model(name, "teacher", num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     teacher = DenseTeacher(model)
     if checkpoint is not None:
-        from cskd.checkpoint import load_model_weights
-
-        load_model_weights(teacher.model, checkpoint, role="teacher", expect_model=name)
+        load_into(teacher.model, resolve_checkpoint(checkpoint), role="teacher", expect_model=name)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher

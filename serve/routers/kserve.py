@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 import numpy as np
-from cskd.serve.backends import softmax
-from cskd.serve.errors import APIError, invalid, too_large
-from cskd.serve.security import require_api_key
-from cskd.serve.state import Serving, get_serving
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+
+from cskd.runtime.postprocess import softmax
+from cskd.serve.errors import APIError, invalid, too_large
+from cskd.serve.security import require_api_key
+from cskd.serve.state import Serving, get_serving
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 models = APIRouter(prefix="/v2/models", tags=["kserve-v2"], dependencies=[Depends(require_api_key)])

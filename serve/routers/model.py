@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
-from cskd.serve.security import require_api_key
-from cskd.serve.state import Serving, get_serving
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from cskd.serve.security import require_api_key
+from cskd.serve.state import Serving, get_serving
 
 router = APIRouter(tags=["model"], dependencies=[Depends(require_api_key)])
 

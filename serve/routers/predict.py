@@ -6,15 +6,15 @@ import json
 from typing import List, Optional
 
 import numpy as np
-from cskd.serve.backends import top_k as top_k_labels
-from cskd.serve.errors import APIError, invalid, too_large
-from cskd.serve.security import require_api_key
-from cskd.serve.state import Serving, decode_base64, get_serving
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from cskd import __version__
+from cskd.runtime.postprocess import top_k as top_k_labels
+from cskd.serve.errors import APIError, invalid, too_large
+from cskd.serve.security import require_api_key
+from cskd.serve.state import Serving, decode_base64, get_serving
 
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
 

@@ -1,4 +1,4 @@
-"""``cskd predict``: top-k labels for image files through an exported model package."""
+"""Top-k labels for image files through a model package (what ``cskd predict`` prints)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from cskd.serve.backends import create_backend, run_batched, top_k
-from cskd.serve.preprocess import ImageDecodeError, decode_image, to_engine_input
 
 from cskd.errors import CSKDError
+from cskd.runtime.backends import BackendOptions, create_backend, run_batched
+from cskd.runtime.postprocess import top_k
+from cskd.runtime.preprocess import ImageDecodeError, decode_image, to_engine_input
 
 
 def predict_files(model_dir: Path, images: Sequence[Path], k: int = 5, backend: Optional[str] = None,
                   batch_size: int = 32) -> List[Dict[str, object]]:
-    engine, package = create_backend(model_dir, backend)
+    engine, package = create_backend(model_dir, backend, BackendOptions())
     spec = package.input
     arrays = []
     for path in images:
@@ -27,7 +28,7 @@ def predict_files(model_dir: Path, images: Sequence[Path], k: int = 5, backend: 
         except ImageDecodeError as exc:
             raise CSKDError(f"{path}: {exc}") from None
     batch = np.stack(arrays)
-    size = min(batch_size, spec.max_batch)
+    size = package.batch_limit(batch_size)
     logits = run_batched(lambda rows: engine.infer(to_engine_input(rows, spec.dtype, spec.mean, spec.std)), batch, size)
     return [{"image": str(path), "top": top} for path, top in zip(images, top_k(logits, k, package.classes))]
 

@@ -7,17 +7,27 @@ Reports throughput, latency percentiles and errors by status; loopback or your o
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections import Counter
 from typing import Dict, List, Optional
 
+import httpx
 import numpy as np
+from PIL import Image
+
+from cskd.assets import demo_arrays
+
+
+def demo_image_png() -> bytes:
+    """The first embedded validation image as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(demo_arrays("val")[0][0], mode="L").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 async def _client(client, url: str, payload: bytes, stop_at: float, latencies: List[float], statuses: Counter,
                   headers: Dict[str, str]) -> None:
-    import httpx
-
     while time.perf_counter() < stop_at:
         start = time.perf_counter()
         try:
@@ -31,8 +41,6 @@ async def _client(client, url: str, payload: bytes, stop_at: float, latencies: L
 
 async def run_load(base_url: str, image: bytes, concurrency: int, duration_s: float, api_key: Optional[str] = None,
                    timeout_s: float = 30.0) -> Dict:
-    import httpx
-
     url = base_url.rstrip("/") + "/predict"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     latencies: List[float] = []

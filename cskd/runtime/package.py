@@ -1,7 +1,4 @@
-"""The model package: an engine file plus ``model.json`` describing how to feed and trust it.
-
-This module imports neither torch nor onnxruntime: the serving path reads packages with it.
-"""
+"""The model package: an engine file plus ``model.json`` describing how to feed and trust it."""
 
 from __future__ import annotations
 
@@ -12,11 +9,13 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 from cskd.errors import CSKDError
+from cskd.files import atomic_write_text
 
-PACKAGE_FORMAT = "cskd-model-package-1"
+PACKAGE_FORMAT = "cskd-model-package-2"
+_LEGACY_FORMATS = ("cskd-model-package-1",)  # read and upgraded in memory
 MODEL_JSON = "model.json"
 
 
@@ -30,12 +29,11 @@ class InputSpec:
     mean: List[float]
     std: List[float]
     resize: str = "bicubic"  # how the client resizes images to `size`
-    max_batch: int = 32
 
 
 @dataclass
 class ModelPackage:
-    """What ``model.json`` holds. ``engine`` is relative to the package folder."""
+    """What ``model.json`` holds. ``engine`` and ``files`` are relative to the package folder."""
 
     name: str
     role: str  # "student" or "teacher"
@@ -47,6 +45,9 @@ class ModelPackage:
     input: InputSpec
     outputs: List[str]
     classes: List[str]
+    heads: List[str] = field(default_factory=list)  # the heads the prediction averages (students)
+    engine_max_batch: Optional[int] = None  # the engine's own batch limit (TensorRT profile); None: any
+    build: Dict[str, Any] = field(default_factory=dict)  # how the engine was made (quantisation, TensorRT, GPU)
     parity: Dict[str, Any] = field(default_factory=dict)
     gate: Dict[str, Any] = field(default_factory=dict)
     source: Dict[str, Any] = field(default_factory=dict)
@@ -58,11 +59,28 @@ class ModelPackage:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
 
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def batch_limit(self, wanted: int) -> int:
+        """The largest batch to run: ``wanted``, capped by the engine's own limit where it has one."""
+        return min(wanted, self.engine_max_batch) if self.engine_max_batch else wanted
+
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "ModelPackage":
         data = dict(data)
+        if data.get("format") in _LEGACY_FORMATS:
+            data = _upgrade_v1(data)
         data["input"] = InputSpec(**data["input"])
         return cls(**data)
+
+
+def _upgrade_v1(data: Dict[str, Any]) -> Dict[str, Any]:
+    """Format 1 kept the TensorRT profile limit as ``input.max_batch`` and applied it to every engine."""
+    inputs = dict(data["input"])
+    max_batch = inputs.pop("max_batch", None)
+    return {**data, "input": inputs, "format": PACKAGE_FORMAT,
+            "engine_max_batch": max_batch if data.get("engine_format") == "trt" else None}
 
 
 def read_package(model_dir: str | Path) -> ModelPackage:
@@ -73,7 +91,7 @@ def read_package(model_dir: str | Path) -> ModelPackage:
         raise CSKDError(f"{folder} is not a model package (no {MODEL_JSON}); create one with `cskd export RUN_DIR`")
     try:
         data = json.loads(path.read_text())
-        if data.get("format") != PACKAGE_FORMAT:
+        if data.get("format") not in (PACKAGE_FORMAT, *_LEGACY_FORMATS):
             raise ValueError(f"format is {data.get('format')!r}, expected {PACKAGE_FORMAT!r}")
         package = ModelPackage.from_dict(data)
     except (ValueError, TypeError, KeyError) as exc:
@@ -83,8 +101,12 @@ def read_package(model_dir: str | Path) -> ModelPackage:
     return package
 
 
+def write_package_json(folder: str | Path, package: ModelPackage) -> None:
+    atomic_write_text(Path(folder) / MODEL_JSON, package.to_json())
+
+
 @contextmanager
-def staged_package(out: Path, force: bool) -> Iterator[Path]:
+def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename.
 
     A failure (or a refused parity gate) leaves ``out`` as it was and removes the staging folder.
@@ -110,7 +132,3 @@ def staged_package(out: Path, force: bool) -> Iterator[Path]:
             os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def write_package_json(folder: Path, package: ModelPackage) -> None:
-    (Path(folder) / MODEL_JSON).write_text(package.to_json())

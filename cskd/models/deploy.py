@@ -1,13 +1,11 @@
-"""The module that gets exported: fused student (or teacher) plus optional in-graph preprocessing."""
+"""The module that gets deployed: a fused student (or teacher) plus optional in-graph preprocessing."""
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-
-from cskd.checkpoint import ModelSpec
 
 
 class DeployModule(nn.Module):
@@ -37,18 +35,5 @@ class DeployModule(nn.Module):
         return logits
 
 
-def deployable_model(model: nn.Module, spec: ModelSpec) -> nn.Module:
-    """The student with its three heads fused into one, or the teacher's ordinary classifier."""
-    from cskd.models import fuse_heads
-
-    if spec.role == "student":
-        return fuse_heads(model)
-    return model.model.eval()  # DenseTeacher -> the bare timm CNN: global logits only
-
-
-def build_deploy_module(model: nn.Module, spec: ModelSpec, uint8_input: bool, probabilities: bool) -> DeployModule:
-    return DeployModule(deployable_model(model, spec), spec.mean, spec.std, uint8_input, probabilities).eval()
-
-
-def output_names(probabilities: bool) -> list[str]:
+def output_names(probabilities: bool) -> List[str]:
     return ["logits", "probabilities"] if probabilities else ["logits"]

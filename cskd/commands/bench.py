@@ -1,0 +1,98 @@
+"""``cskd bench``: deployed students against their teacher (latency, throughput, accuracy), or a
+load test of a running server (``cskd bench http URL``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from cskd.errors import CSKDError
+from cskd.files import atomic_write_json
+from cskd.runtime.package import MODEL_JSON
+
+EXAMPLES = """\
+examples:
+  cskd bench runs/demo/export-onnx-int8 --teacher runs/demo/export-teacher-onnx-fp32
+  cskd bench S-fp32 S-fp16 S-int8 --teacher T --batch-sizes 1 8 32 --out bench/
+  cskd bench runs/demo --teacher runs/teacher --quick --expect-speedup 3 --max-accuracy-drop 5   # a CI gate
+  cskd bench http http://127.0.0.1:8000 --concurrency 32 --duration 60   # load a running cskd serve
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="deployed students against the teacher: latency, throughput, accuracy",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Benchmark model packages (run directories are exported first) against a teacher package.")
+    p.add_argument("students", nargs="+", metavar="STUDENT", help="student packages or run directories; or: http URL")
+    p.add_argument("--teacher", type=Path, metavar="TEACHER", help="teacher package or run directory")
+    p.add_argument("--concurrency", type=int, default=32, help="bench http: concurrent clients")
+    p.add_argument("--duration", type=float, default=60.0, help="bench http: seconds of load")
+    p.add_argument("--image", type=Path, help="bench http: the image to post (default: an embedded validation image)")
+    p.add_argument("--api-key", help="bench http: bearer token")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--backend", help="onnxruntime, tensorrt or torch (default: each package's own)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--iters", type=int, default=20, help="timed calls per model, batch size and round")
+    p.add_argument("--eval-images", type=int, default=2000, help="validation images for top-1 (0: latency only)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--quick", action="store_true", help="2 rounds of 5 calls, 500 images: a smoke test")
+    p.add_argument("--expect-speedup", type=float, help="fail unless every student is this many times faster")
+    p.add_argument("--max-accuracy-drop", type=float, help="fail when a student loses more top-1 points than this")
+    p.add_argument("--data", help="data set for top-1 (default: the run's)")
+    p.add_argument("--data-path")
+    p.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json and the plots")
+    p.set_defaults(func=run)
+
+
+def as_package(path: Path, log: Callable[[str], None]) -> Path:
+    """A model package folder, or a run directory / checkpoint exported to fp32 ONNX on the fly."""
+    from cskd.export.exporter import ExportOptions, default_out, export_model  # torch and onnx: only to export
+
+    if (path / MODEL_JSON).is_file():
+        return path
+    options = ExportOptions()
+    out = default_out(path, options)
+    if (out / MODEL_JSON).is_file():
+        return out
+    log(f"{path} is not a model package: exporting it to {out}")
+    return export_model(path, options, log)[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.students[0] == "http":
+        return run_http(args)
+    from cskd.bench import BenchOptions, format_table, run_bench  # the training stack: only for this command
+
+    if args.teacher is None:
+        raise CSKDError("cskd bench needs --teacher TEACHER_PACKAGE (or use `cskd bench http URL`)")
+    if args.backend == "torch":
+        import cskd.commands.torch_backend  # noqa: F401  registers "torch"
+    options = BenchOptions(batch_sizes=args.batch_sizes, backend=args.backend, rounds=args.rounds, iters=args.iters,
+                           eval_images=args.eval_images, threads=args.threads, data=args.data, data_path=args.data_path,
+                           expect_speedup=args.expect_speedup, max_accuracy_drop=args.max_accuracy_drop, out=args.out)
+    if args.quick:
+        options.rounds, options.iters, options.warmup, options.eval_images = 2, 5, 2, 500
+    students = [as_package(Path(s), print) for s in args.students]
+    result = run_bench(students, as_package(args.teacher, print), options)
+    print(format_table(result))
+    print(f"wrote {args.out / 'bench.json'}, {', '.join(result['plots'])}")
+    for failure in result["failures"]:
+        print(f"cskd bench: gate failed: {failure}", file=sys.stderr)
+    return 1 if result["failures"] else 0
+
+
+def run_http(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cskd.loadtest import demo_image_png, format_load, run_load  # httpx: the serve extra
+
+    if len(args.students) != 2:
+        raise CSKDError("usage: cskd bench http URL [--concurrency N] [--duration S]")
+    image = args.image.read_bytes() if args.image else demo_image_png()
+    result = asyncio.run(run_load(args.students[1], image, args.concurrency, args.duration, args.api_key))
+    print(format_load(result))
+    atomic_write_json(args.out / "bench_http.json", result)
+    print(f"wrote {args.out / 'bench_http.json'}")
+    return 0 if result["errors"] == 0 else 1

@@ -1,0 +1,71 @@
+"""``cskd serve``: the HTTP inference service (FastAPI + uvicorn) for a model package."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from cskd.errors import CSKDError
+from cskd.runtime.package import read_package
+
+EXAMPLES = """\
+examples:
+  cskd serve runs/demo/export-onnx-fp32                       # http://127.0.0.1:8000/docs
+  cskd serve models/demo --host 0.0.0.0 --port 8080 --workers 2 --api-key "$KEY"
+  cskd serve models/demo --max-batch 32 --max-wait-ms 5 --max-queue 256
+  curl -F files=@shirt.png http://127.0.0.1:8000/predict
+every option can also come from CSKD_SERVE_<OPTION> environment variables (CSKD_SERVE_API_KEY, ...)
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP inference service (FastAPI): /predict, KServe v2, /metrics",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Serve a model package with dynamic batching.")
+    p.add_argument("model_dir", type=Path, nargs="?", metavar="MODEL_DIR", help="model package (or CSKD_SERVE_MODEL_DIR)")
+    p.add_argument("--backend", help="onnxruntime, tensorrt or torch (default: the package's own)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="server processes, each with its own copy of the model")
+    p.add_argument("--threads", type=int, help="onnxruntime threads per process")
+    p.add_argument("--max-batch", type=int, help="images per inference call (default 32; capped by the engine's limit)")
+    p.add_argument("--max-wait-ms", type=float, help="time a batch waits to fill (default 5)")
+    p.add_argument("--max-queue", type=int, help="queued images before answering 503 (default 256)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (prefer CSKD_SERVE_API_KEY)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=run)
+
+
+def create_app_from_env():
+    """uvicorn factory for every worker process: settings from ``CSKD_SERVE_*`` variables."""
+    from cskd.serve.app import create_app  # FastAPI: the serve extra
+    from cskd.serve.settings import ServeSettings
+
+    if ServeSettings().backend == "torch":
+        import cskd.commands.torch_backend  # noqa: F401  registers "torch" (imports torch: only when asked)
+    return create_app()
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn  # the serving stack (the serve extra) loads only for this command
+
+    from cskd.serve.settings import ServeSettings
+
+    given = {k: v for k, v in {
+        "model_dir": str(args.model_dir) if args.model_dir else None, "backend": args.backend, "host": args.host,
+        "port": args.port, "workers": args.workers, "threads": args.threads, "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue, "api_key": args.api_key}.items() if v is not None}
+    settings = ServeSettings(**given)
+    if not settings.model_dir:
+        raise CSKDError("no model package given: pass MODEL_DIR or set CSKD_SERVE_MODEL_DIR")
+    package = read_package(settings.model_dir)  # fail in one line before uvicorn starts
+    for key, value in given.items():  # worker processes read their settings from the environment
+        os.environ[f"CSKD_SERVE_{key.upper()}"] = str(value)
+    limit = package.batch_limit(settings.max_batch)
+    capped = f" (the engine's limit; asked {settings.max_batch})" if limit < settings.max_batch else ""
+    print(f"cskd serve: {package.name} ({package.engine_format}/{package.precision}) on http://{settings.host}:{settings.port}"
+          f" (docs at /docs), batching up to {limit} images{capped} / {settings.max_wait_ms} ms")
+    uvicorn.run("cskd.commands.serve:create_app_from_env", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level=args.log_level, timeout_graceful_shutdown=30)
+    return 0

@@ -1,0 +1,152 @@
+"""The run directory: the one owner of what ``cskd train`` writes and every later command reads.
+
+```
+RUN/config.yaml          the resolved configuration (rerun with --config)
+RUN/metrics.jsonl        one JSON object per epoch
+RUN/best.safetensors     deployable weights with their spec (best validation top-1)
+RUN/last.safetensors     the same after the last finished epoch
+RUN/last.state.pt        optimizer, scheduler, scaler and EMA state for --resume
+RUN/curves.png           the curves of metrics.jsonl
+```
+
+``cskd eval``, ``cskd export`` and ``cskd bench`` find checkpoints, the teacher a student was
+distilled from and the data it was trained on through :class:`RunDir`, never by reading files raw.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from cskd.assets import DEMO_TEACHER, asset_path
+from cskd.checkpoint import BEST, LAST, resolve_checkpoint
+from cskd.config import Config, DataConfig, load_config, save_config
+from cskd.errors import CSKDError
+from cskd.files import atomic_write_text
+
+DEMO_TEACHER_REFERENCE = "demo"  # teacher.checkpoint=demo: the teacher shipped with cskd
+
+
+def resolve_teacher_reference(value: str) -> Path:
+    """A ``teacher.checkpoint`` value as a path: ``demo`` is the packaged demo teacher."""
+    return asset_path(DEMO_TEACHER) if value == DEMO_TEACHER_REFERENCE else Path(value)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    CONFIG = "config.yaml"
+    METRICS = "metrics.jsonl"
+    BEST = BEST
+    LAST = LAST
+    STATE = "last.state.pt"
+    CURVES = "curves.png"
+
+    # -- where a run lives -------------------------------------------------------------------
+
+    @staticmethod
+    def default_path(target: str) -> Path:
+        return Path("runs") / f"{target}-{datetime.now():%Y%m%d-%H%M%S}"
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        """An existing run directory (one with config.yaml)."""
+        run = cls(Path(path))
+        if not (run.path / cls.CONFIG).is_file():
+            raise CSKDError(f"{run.path} is not a run directory (no {cls.CONFIG}); pass the output folder of `cskd train`")
+        return run
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path) -> Optional["RunDir"]:
+        """The run that wrote ``checkpoint`` (a file in it), or None for a checkpoint on its own."""
+        parent = Path(checkpoint).parent
+        return cls(parent) if (parent / cls.CONFIG).is_file() else None
+
+    def prepare(self, resume: bool, create: bool = True) -> None:
+        """Check the folder can start (or resume) a run; make it and check it is writable."""
+        if not resume and self.has_state:
+            raise CSKDError(f"{self.path} already holds a run; continue it with `cskd train --resume {self.path}` "
+                            "or set output=ANOTHER_DIR")
+        if resume and not self.has_state:
+            raise CSKDError(f"{self.path} has no {self.STATE} to resume from (the run never finished an epoch); start it anew")
+        if not create:
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise CSKDError(f"cannot write to output folder {self.path} ({exc.strerror}); set output=A_WRITABLE_DIR") from None
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def config(self, overrides: tuple = ()) -> Config:
+        """The run's resolved configuration (plus ``overrides``), validated."""
+        return load_config(self.path / self.CONFIG, overrides)
+
+    def save_config(self, cfg: Config) -> None:
+        save_config(cfg, self.path / self.CONFIG)
+
+    def data_config(self) -> Optional[DataConfig]:
+        return self.config().data if (self.path / self.CONFIG).is_file() else None
+
+    def teacher_checkpoint(self) -> Path:
+        """The teacher checkpoint this student run distilled from."""
+        value = self.config().teacher.checkpoint
+        if not value:
+            raise CSKDError(f"the run in {self.path} used no teacher (teacher.checkpoint is empty)")
+        return resolve_checkpoint(resolve_teacher_reference(value))
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    @property
+    def best(self) -> Path:
+        return self.path / self.BEST
+
+    @property
+    def last(self) -> Path:
+        return self.path / self.LAST
+
+    @property
+    def state(self) -> Path:
+        return self.path / self.STATE
+
+    @property
+    def has_state(self) -> bool:
+        return self.state.exists()
+
+    def checkpoint(self) -> Path:
+        """``best.safetensors``, else ``last.safetensors``."""
+        return resolve_checkpoint(self.path)
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def append_metrics(self, record: Dict[str, Any]) -> None:
+        with open(self.path / self.METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self, up_to_epoch: Optional[int] = None) -> List[Dict[str, Any]]:
+        """The rows of metrics.jsonl, optionally only those of epochs 1..up_to_epoch."""
+        path = self.path / self.METRICS
+        if not path.exists():
+            return []
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if up_to_epoch is None or r["epoch"] <= up_to_epoch]
+
+    def truncate_metrics(self, completed_epochs: int) -> None:
+        """Drop lines of epochs after the resumed checkpoint (a crash may have logged them)."""
+        rows = self.metrics(completed_epochs)
+        atomic_write_text(self.path / self.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+    @property
+    def curves(self) -> Path:
+        return self.path / self.CURVES
+

@@ -1,0 +1,114 @@
+"""Inference backends behind one protocol, chosen by name from a registry.
+
+A backend takes the engine's input as a numpy array and returns float32 logits ``[N, K]``.
+``onnxruntime`` and ``tensorrt`` are built in; other layers may register more (the command line
+registers ``torch``, which runs the source checkpoint). Heavy libraries are imported when a
+backend is created, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
+
+import numpy as np
+
+from cskd.errors import CSKDError, did_you_mean
+from cskd.runtime.package import ModelPackage, read_package
+from cskd.runtime.tensorrt import TensorRTBackend
+
+
+class Backend(Protocol):
+    name: str
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Engine input ``[N, C, H, W]`` -> logits ``[N, K]`` (float32)."""
+        ...
+
+
+@dataclass
+class BackendOptions:
+    threads: Optional[int] = None  # CPU threads per inference (onnxruntime intra-op)
+    spin: bool = True  # onnxruntime: let idle threads spin (lower latency, steals cores from neighbours)
+    providers: Optional[List[str]] = None  # onnxruntime execution providers, in order of preference
+
+
+BackendFactory = Callable[[Path, ModelPackage, BackendOptions], Backend]
+_FACTORIES: Dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    """Decorator: make ``factory(folder, package, options)`` available as backend ``name``."""
+
+    def add(factory: BackendFactory) -> BackendFactory:
+        _FACTORIES[name] = factory
+        return factory
+
+    return add
+
+
+def backend_names() -> List[str]:
+    return sorted(_FACTORIES)
+
+
+def default_backend(package: ModelPackage) -> str:
+    return "tensorrt" if package.engine_format == "trt" else "onnxruntime"
+
+
+def create_backend(model_dir: str | Path, name: Optional[str] = None,
+                   options: Optional[BackendOptions] = None) -> Tuple[Backend, ModelPackage]:
+    """The backend for a model package: its own engine's by default, or the one named."""
+    folder = Path(model_dir)
+    package = read_package(folder)
+    name = name or default_backend(package)
+    if name not in _FACTORIES:
+        raise CSKDError(f"unknown backend {name!r}{did_you_mean(name, _FACTORIES)}; choose one of {', '.join(backend_names())}")
+    return _FACTORIES[name](folder, package, options or BackendOptions()), package
+
+
+def run_batched(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch: int) -> np.ndarray:
+    """``fn`` over ``inputs`` in slices of at most ``batch`` rows, concatenated."""
+    return np.concatenate([fn(inputs[i : i + batch]) for i in range(0, len(inputs), batch)])
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, options: BackendOptions) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise CSKDError("onnxruntime is not installed; pip install 'cskd[serve]' (or 'cskd[gpu]' on CUDA machines)") from None
+        session_options = ort.SessionOptions()
+        if options.threads:
+            session_options.intra_op_num_threads = options.threads
+        if not options.spin:
+            # Idle worker threads otherwise spin for a while after each run, stealing the cores of
+            # whatever runs next: fine for one busy server, unfair when several sessions take turns.
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        available = ort.get_available_providers()
+        chosen = [p for p in (options.providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
+        self.session = ort.InferenceSession(str(model_path), session_options, providers=chosen or ["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(["logits"], {self.input_name: batch})[0], dtype=np.float32)
+
+
+@register_backend("onnxruntime")
+def _onnxruntime(folder: Path, package: ModelPackage, options: BackendOptions) -> Backend:
+    if package.engine_format == "onnx":
+        # fp32 packages carry onnxruntime's optimised graph beside the portable one
+        return OnnxRuntimeBackend(folder / package.files.get("optimized", package.engine), options)
+    onnx_file = package.files.get("onnx")
+    if not onnx_file:
+        raise CSKDError(f"{folder} holds a TensorRT engine only; use --backend tensorrt")
+    return OnnxRuntimeBackend(folder / onnx_file, options)
+
+
+@register_backend("tensorrt")
+def _tensorrt(folder: Path, package: ModelPackage, options: BackendOptions) -> Backend:
+    if package.engine_format != "trt":
+        raise CSKDError(f"{folder} holds an ONNX model; export with --format trt for the tensorrt backend")
+    return TensorRTBackend(folder / package.engine, package)
