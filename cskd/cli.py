@@ -7,10 +7,10 @@ import sys
 from typing import List, Optional
 
 from cskd import __version__
-from cskd.commands import bench, evaluate, export, predict, serve, train
+from cskd.commands import bench, cache_teacher, evaluate, export, predict, serve, train
 from cskd.errors import CSKDError
 
-COMMANDS = (train, evaluate, export, predict, serve, bench)
+COMMANDS = (train, cache_teacher, evaluate, export, predict, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

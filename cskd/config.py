@@ -58,6 +58,7 @@ class StudentConfig:
 class TeacherConfig:
     model: str = "regnety_160"  # any timm CNN with a pool + classifier head
     checkpoint: Optional[str] = None  # cskd run dir/checkpoint, a state dict, or "demo" (packaged)
+    cache: Optional[str] = None  # a `cskd cache-teacher` folder: targets read from it, the teacher never runs
     img_size: Optional[int] = None  # only when training the teacher (train.target=teacher)
     drop_path: float = 0.0
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm arguments (output_stride...)

@@ -6,7 +6,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -46,23 +46,11 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 class TeacherTargets(Protocol):
-    """The teacher's ``(dense [N,K,H,W], global [N,K])`` logits for a batch of augmented images."""
+    """The teacher's ``(dense [N,K,H,W], global [N,K])`` logits for a batch of augmented images;
+    ``batch`` holds each image's index and crop geometry and how the batch was mixed."""
 
-    def __call__(self, images: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
         ...
-
-
-@dataclass
-class OnlineTeacher:
-    """Runs the frozen teacher on each batch, normalised its own way."""
-
-    teacher: nn.Module  # DenseTeacher
-    norm: "Normalization"
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        dense, global_logits = self.teacher(self.norm(images))
-        return dense.float(), global_logits.float()
 
 
 @dataclass
@@ -110,26 +98,12 @@ def train_one_epoch(
         targets = targets.to(ctx.env.device, non_blocking=True)
         if ctx.mixup is not None:
             images, targets = ctx.mixup(images, targets)
+            batch["mix"] = ctx.mixup.last  # cached teacher targets are mixed the same way
         progress = step / total_steps
         parts = _loss_parts(ctx, images, targets, batch, progress)
         loss = parts["loss"]
-        ctx.optimizer.zero_grad(set_to_none=True)
-        if ctx.scaler is not None:
-            ctx.scaler.scale(loss).backward()
-            ctx.scaler.unscale_(ctx.optimizer)
-        else:
-            loss.backward()
-        if ctx.clip_grad:
-            nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.clip_grad)
-        if ctx.scaler is not None:
-            ctx.scaler.step(ctx.optimizer)
-            ctx.scaler.update()
-        else:
-            ctx.optimizer.step()
         step += 1
-        ctx.scheduler.step_update(num_updates=step)
-        if ctx.ema is not None:
-            ctx.ema.update(ctx.model.module if hasattr(ctx.model, "module") else ctx.model, step=step)
+        _optimize(ctx, loss, step)
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float() * len(images)
         seen += len(images)
@@ -149,6 +123,26 @@ def train_one_epoch(
     metrics["ckf_ratio"] = ckf_ratio(step / total_steps, ctx.decay)
     metrics["images_per_s"] = float(totals[-1]) / elapsed
     return metrics
+
+
+def _optimize(ctx: StepContext, loss: torch.Tensor, step: int) -> None:
+    """Backward, (unscale and) clip, optimizer and scheduler step, EMA update."""
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.scaler is not None:
+        ctx.scaler.scale(loss).backward()
+        ctx.scaler.unscale_(ctx.optimizer)
+    else:
+        loss.backward()
+    if ctx.clip_grad:
+        nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.clip_grad)
+    if ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    ctx.scheduler.step_update(num_updates=step)
+    if ctx.ema is not None:
+        ctx.ema.update(ctx.model.module if hasattr(ctx.model, "module") else ctx.model, step=step)
 
 
 def _check_finite(value: float, epoch: int, step: int) -> None:

@@ -21,11 +21,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from cskd.assets import DEMO_TEACHER, asset_path
+from cskd.assets import DEMO_TEACHER, DEMO_TEACHER_CACHE, asset_path
 from cskd.checkpoint import BEST, LAST, resolve_checkpoint
 from cskd.config import Config, DataConfig, load_config, save_config
 from cskd.errors import CSKDError
-from cskd.files import atomic_write_text
+from cskd.files import atomic_write_json, atomic_write_text
 
 DEMO_TEACHER_REFERENCE = "demo"  # teacher.checkpoint=demo: the teacher shipped with cskd
 
@@ -33,6 +33,12 @@ DEMO_TEACHER_REFERENCE = "demo"  # teacher.checkpoint=demo: the teacher shipped 
 def resolve_teacher_reference(value: str) -> Path:
     """A ``teacher.checkpoint`` value as a path: ``demo`` is the packaged demo teacher."""
     return asset_path(DEMO_TEACHER) if value == DEMO_TEACHER_REFERENCE else Path(value)
+
+
+def resolve_cache_reference(value: str) -> Path:
+    """A ``teacher.cache`` value as a path: ``demo`` is the packaged cache of the demo teacher over
+    the embedded training split."""
+    return asset_path(DEMO_TEACHER_CACHE) if value == DEMO_TEACHER_REFERENCE else Path(value)
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class RunDir:
     LAST = LAST
     STATE = "last.state.pt"
     CURVES = "curves.png"
+    PAIRING = "pairing.json"
 
     # -- where a run lives -------------------------------------------------------------------
 
@@ -149,4 +156,7 @@ class RunDir:
     @property
     def curves(self) -> Path:
         return self.path / self.CURVES
+
+    def save_pairing(self, report: Dict[str, Any]) -> None:
+        atomic_write_json(self.path / self.PAIRING, report)
 

@@ -24,19 +24,20 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from cskd.checkpoint import ModelSpec, load_state, read_spec, resolve_checkpoint, save_state, save_weights
+from cskd import pairing
+from cskd.checkpoint import ModelSpec, load_state, save_state, save_weights
 from cskd.config import Config
 from cskd.data.datasets import DatasetInfo, build_dataset
 from cskd.data.mixing import build_mixup
 from cskd.data.samples import Indexed, limit
 from cskd.data.transforms import eval_transform, train_transform
 from cskd.distributed import DistEnv, barrier, init_distributed, shutdown
-from cskd.engine import Normalization, OnlineTeacher, StepContext, TeacherTargets, amp_dtype, evaluate, train_one_epoch
+from cskd.engine import Normalization, StepContext, amp_dtype, evaluate, train_one_epoch
 from cskd.errors import CSKDError
-from cskd.models import create_teacher
 from cskd.plots import plot_curves
-from cskd.run import RunDir, resolve_teacher_reference
+from cskd.run import RunDir
 from cskd.tasks import Task, get_task, unwrap
+from cskd.teachers import build_teacher_targets, teacher_network
 
 
 def seed_everything(seed: int) -> None:
@@ -63,6 +64,7 @@ class Loaders:
     train: DataLoader
     val: DataLoader
     info: DatasetInfo
+    train_split: Dataset  # the whole training split (what a teacher cache covers)
 
 
 def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
@@ -70,7 +72,8 @@ def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
     _, info = build_dataset(d.name, "val", d.path, d.channels)
     train_tf = train_transform(img_size, info.channels, d.auto_augment, d.scale, d.hflip, d.reprob, d.interpolation,
                                d.color_jitter)
-    train_set = limit(build_dataset(d.name, "train", d.path, d.channels, train_tf)[0], d.max_train)
+    train_split = build_dataset(d.name, "train", d.path, d.channels, train_tf)[0]
+    train_set = limit(Indexed(train_split), d.max_train)  # indices stay those of the whole split
     val_set = limit(build_dataset(d.name, "val", d.path, d.channels, eval_transform(img_size, info.channels, d.interpolation))[0],
                     d.max_val)
     global_batch = cfg.train.batch_size * env.world_size
@@ -82,9 +85,9 @@ def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
     # seed and the epoch, and a 2-process run sees the same images per step as one process with 2x the batch.
     sampler = DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
     common = dict(num_workers=d.workers, pin_memory=env.device.type == "cuda", persistent_workers=False)
-    train_loader = DataLoader(Indexed(train_set), batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **common)
+    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(_shard(val_set, env), batch_size=max(cfg.train.batch_size, 64), shuffle=False, **common)
-    return Loaders(train_loader, val_loader, info)
+    return Loaders(train_loader, val_loader, info, train_split)
 
 
 def _shard(dataset: Dataset, env: DistEnv) -> Dataset:
@@ -92,32 +95,6 @@ def _shard(dataset: Dataset, env: DistEnv) -> Dataset:
     if not env.distributed:
         return dataset
     return torch.utils.data.Subset(dataset, list(range(env.rank, len(dataset), env.world_size)))
-
-
-def build_teacher_targets(cfg: Config, info: DatasetInfo, device: torch.device) -> TeacherTargets:
-    """The frozen teacher a student run distils from (its kwargs and normalisation from its checkpoint)."""
-    path = resolve_teacher_reference(cfg.teacher.checkpoint)
-    spec = read_spec(resolve_checkpoint(path))
-    if spec is not None:
-        _check_compatible(spec, info, path)
-    cfg.teacher.kwargs = {**(spec.kwargs if spec else {}), **cfg.teacher.kwargs}  # saved with the run's config
-    mean = tuple(cfg.teacher.mean or (spec.mean if spec else info.mean))
-    std = tuple(cfg.teacher.std or (spec.std if spec else info.std))
-    teacher = create_teacher(cfg.teacher.model, info.num_classes, info.channels, checkpoint=path, **cfg.teacher.kwargs)
-    return OnlineTeacher(teacher.to(device), Normalization(mean, std))
-
-
-def _check_compatible(spec: ModelSpec, info: DatasetInfo, path) -> None:
-    if spec.num_classes != info.num_classes:
-        raise CSKDError(
-            f"teacher {path} predicts {spec.num_classes} classes but the data has {info.num_classes}; "
-            "use a teacher trained on this data set"
-        )
-    if spec.in_chans != info.channels:
-        raise CSKDError(
-            f"teacher {path} takes {spec.in_chans}-channel images but the data has {info.channels}; "
-            "set data.channels to match or retrain the teacher"
-        )
 
 
 def build_base_criterion(cfg: Config, mixup_on: bool) -> Callable:
@@ -184,7 +161,7 @@ def build_session(cfg: Config, env: DistEnv, resume: bool) -> Session:
     spec = task.spec(cfg, loaders.info)
     drop_path = cfg.student.drop_path if task.name == "student" else cfg.teacher.drop_path
     model = task.build(spec, drop_path).to(env.device)
-    teacher = build_teacher_targets(cfg, loaders.info, env.device) if task.distils(cfg) else None
+    teacher = build_teacher_targets(cfg, loaders.info, loaders.train_split, env.device) if task.distils(cfg) else None
     mixup = build_mixup(cfg.data, cfg.train.batch_size, loaders.info.num_classes)
     optimizer = create_optimizer_v2(model, opt=cfg.train.opt, lr=scaled_lr(cfg, env.world_size), weight_decay=cfg.train.weight_decay)
     scheduler, _ = create_scheduler_v2(
@@ -252,11 +229,17 @@ class MainProcess(Quiet):
         run.save_config(cfg)
         kd = f"deit={cfg.loss.deit_type} cskd={cfg.loss.cskd_type} decay={cfg.loss.decay}" if session.task.distils(cfg) else "supervised"
         info = session.loaders.info
+        if session.task.distils(cfg):
+            report = pairing.compare(cfg.teacher.model, teacher_network(cfg, info), session.spec.model,
+                                     session.task.deployable(session.model), (info.channels, session.spec.img_size, session.spec.img_size))
+            run.save_pairing(report.to_dict())
         print(f"cskd train: {session.task.name} {session.spec.model} ({kd}) on {cfg.data.name} "
               f"[{len(session.loaders.train.dataset)} images, {info.num_classes} classes]")
         print(f"  device {session.env.device} x{session.env.world_size}, {session.steps_per_epoch} steps/epoch, "
               f"lr {scaled_lr(cfg, session.env.world_size):.2e}, run dir {run.path}"
               + (f", resuming at epoch {session.start_epoch + 1}" if resume else ""))
+        if session.task.distils(cfg):
+            print("\n".join(report.lines()), flush=True)
 
     def epoch_done(self, session: Session, epoch: int, metrics: Dict[str, Any], is_best: bool) -> None:
         run, info = session.run, {"epoch": epoch + 1, "val_top1": metrics[f"val_top1_{session.task.primary_head}"]}

@@ -73,8 +73,10 @@ def test_transforms_give_unnormalised_tensors_of_the_model_size():
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8), mode="L")
     tf = train_transform(32, 1, "rand-m9-mstd0.5-inc1", (0.5, 1.0), 0.5, 0.25)
     for _ in range(5):
-        x = tf(image)
+        x, geometry = tf(image)
         assert x.shape == (1, 32, 32) and x.min() >= 0 and x.max() <= 1
+        x0, y0, x1, y1 = geometry["box"].tolist()
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and (x1 - x0) * (y1 - y0) >= 0.5 * 0.9  # scale >= 0.5 (rounding)
     x = eval_transform(32, 1)(image)
     assert x.shape == (1, 32, 32) and x.min() >= 0 and x.max() <= 1
 
@@ -83,3 +85,19 @@ def test_normalize_per_channel():
     x = torch.ones(2, 3, 4, 4) * torch.tensor([0.2, 0.4, 0.6]).view(1, 3, 1, 1)
     y = normalize(x, (0.2, 0.2, 0.2), (0.1, 0.2, 0.4))
     assert torch.allclose(y[0, :, 0, 0], torch.tensor([0.0, 1.0, 1.0]))
+
+
+def test_the_recorded_crop_box_is_the_region_the_image_came_from():
+    """Crop a known image with the recorded box by hand: it must equal the transform's output."""
+    import torchvision.transforms.functional as TF
+
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (28, 28), dtype=np.uint8), mode="L")
+    tf = train_transform(32, 1, None, (0.3, 1.0), 0.5, 0.0, "bilinear", 0.0)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        x, geometry = tf(image)
+        x0, y0, x1, y1 = (geometry["box"] * 28).round().int().tolist()
+        expected = TF.resized_crop(image, y0, x0, y1 - y0, x1 - x0, [32, 32], TF.InterpolationMode.BILINEAR)
+        if geometry["flip"]:
+            expected = TF.hflip(expected)
+        assert torch.equal(x, TF.to_tensor(expected))

@@ -6,6 +6,7 @@ Every data set yields ``(PIL image, label)`` through a transform and carries a
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -90,3 +91,22 @@ def build_dataset(
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
         return dataset, DatasetInfo(list(dataset.classes), channels, mean, std)
     raise CSKDError(f"unknown data set {name!r}{did_you_mean(name, DATASETS)}; use one of {', '.join(DATASETS)}")
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """A hash that changes when the images, their labels or their order change.
+
+    Array data sets hash their pixels; ImageFolder trees hash each file's relative path, size and
+    label (reading every image of a large tree would take longer than the teacher pass it guards).
+    """
+    digest = hashlib.sha256()
+    if isinstance(dataset, ArrayImageDataset):
+        digest.update(np.ascontiguousarray(dataset.images).tobytes())
+        digest.update(np.ascontiguousarray(dataset.labels).tobytes())
+    elif hasattr(dataset, "samples") and hasattr(dataset, "root"):  # torchvision ImageFolder
+        root = Path(dataset.root)
+        for path, label in dataset.samples:
+            digest.update(f"{Path(path).relative_to(root)}\t{Path(path).stat().st_size}\t{label}\n".encode())
+    else:
+        raise CSKDError(f"cannot fingerprint a {type(dataset).__name__}; use one of {', '.join(DATASETS)}")
+    return digest.hexdigest()

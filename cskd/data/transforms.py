@@ -2,14 +2,55 @@
 
 Normalisation happens on the batch, once for the student and once for the teacher, because the
 two may expect different statistics while they must see the very same augmented image.
+
+The training transform also says where its crop came from: the random-resized crop box (in [0, 1]
+coordinates of the source image) and whether it flipped the image, which is what cached teacher
+targets follow (:mod:`cskd.teachers`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
 from timm.data import create_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.data.transforms_factory import transforms_imagenet_train
+
+Geometry = Dict[str, torch.Tensor]  # {"box": [x0, y0, x1, y1] in [0, 1] of the source image, "flip": bool}
+
+
+class RecordedCropFlip:
+    """timm's random-resized crop and a horizontal flip, returning the image and its geometry."""
+
+    def __init__(self, crop: RandomResizedCropAndInterpolation, hflip: float) -> None:
+        self.crop, self.hflip = crop, hflip
+
+    def __call__(self, image: Image.Image) -> Tuple[Image.Image, Geometry]:
+        full_w, full_h = TF.get_image_size(image)
+        top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        interpolation = self.crop.interpolation
+        if isinstance(interpolation, (tuple, list)):
+            interpolation = interpolation[int(torch.randint(len(interpolation), ()))]
+        image = TF.resized_crop(image, top, left, height, width, list(self.crop.size), interpolation)
+        flip = bool(torch.rand(()) < self.hflip)
+        if flip:
+            image = TF.hflip(image)
+        box = torch.tensor([left / full_w, top / full_h, (left + width) / full_w, (top + height) / full_h])
+        return image, {"box": box, "flip": torch.tensor(flip)}
+
+
+class TrainTransform:
+    """crop and flip (recorded) -> timm's RandAugment or colour jitter -> tensor and random erasing."""
+
+    def __init__(self, crop_flip: RecordedCropFlip, pixels: Callable, final: Callable) -> None:
+        self.crop_flip, self.pixels, self.final = crop_flip, pixels, final
+
+    def __call__(self, image: Image.Image) -> Tuple[torch.Tensor, Geometry]:
+        image, geometry = self.crop_flip(image)
+        return self.final(self.pixels(image)), geometry
 
 
 def train_transform(
@@ -21,24 +62,19 @@ def train_transform(
     reprob: float,
     interpolation: str = "bicubic",
     color_jitter: float = 0.0,
-) -> Callable:
-    identity = dict(mean=(0.0,) * channels, std=(1.0,) * channels)
+) -> TrainTransform:
+    """DeiT's training augmentation (timm's pieces); the result maps an image to ``(tensor, geometry)``."""
     if auto_augment and auto_augment.startswith("rand") and "inc1" in auto_augment and "mmax" not in auto_augment:
         # At magnitude 10 timm's PosterizeIncreasing keeps 0 bits, which Pillow >= 13 rejects;
         # capping at 9 keeps 1 bit and leaves every other op as good as unchanged.
         auto_augment += "-mmax9"
-    return create_transform(
-        input_size=(channels, img_size, img_size),
-        is_training=True,
-        auto_augment=auto_augment or None,
-        scale=tuple(scale),
-        hflip=hflip,
-        re_prob=reprob,
-        re_mode="const",
+    primary, pixels, final = transforms_imagenet_train(
+        img_size, scale=tuple(scale), hflip=hflip, auto_augment=auto_augment or None, interpolation=interpolation,
         color_jitter=color_jitter or None,  # timm applies it only when auto_augment is off
-        interpolation=interpolation,
-        **identity,
+        re_prob=reprob, re_mode="const", mean=(0.0,) * channels, std=(1.0,) * channels, separate=True,
     )
+    crop = next(t for t in primary.transforms if isinstance(t, RandomResizedCropAndInterpolation))
+    return TrainTransform(RecordedCropFlip(crop, hflip), pixels, final)
 
 
 def eval_transform(img_size: int, channels: int, interpolation: str = "bicubic") -> Callable:

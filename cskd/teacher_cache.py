@@ -1,0 +1,175 @@
+"""Offline teacher targets: the teacher's dense logit map of every training image, computed once.
+
+```
+CACHE/manifest.json        what the maps are of: teacher (checkpoint hash), data set (fingerprint),
+                           image size, teacher grid, classes, top-k, shard layout, completeness
+CACHE/shard-00000.npy      float16 [n, K or k, H, W]: the logits (all classes, or the k largest per cell)
+CACHE/shard-00000.idx.npy  int16 [n, k, H, W]: their class indices (top-k caches only)
+```
+
+Shards are written atomically and independently, so a killed run resumes where it stopped, and
+under torchrun each rank writes its own shards. Shards are memory-mapped when read. Training
+refuses a cache whose teacher, data, image size or classes differ from the run's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from cskd import __version__
+from cskd.errors import CSKDError
+from cskd.files import atomic_write, atomic_write_json
+
+CACHE_FORMAT = "cskd-teacher-cache-1"
+MANIFEST = "manifest.json"
+ALL_CLASSES_UP_TO = 64  # store every class when there are at most this many, else the top-k per cell
+DEFAULT_TOPK = 10
+MISSING_LOGIT_GAP = 10.0  # classes outside the stored top-k sit this far below the k-th logit (softmax ~e^-10)
+
+
+@dataclass
+class CacheManifest:
+    teacher: Dict[str, Any]  # model, checkpoint, sha256, kwargs, mean, std
+    data: Dict[str, Any]  # name, split, count, fingerprint
+    image_size: int  # the teacher saw each whole image at this size
+    grid: Tuple[int, int]  # the teacher's feature map (H, W)
+    num_classes: int
+    topk: Optional[int]  # None: every class stored
+    shard_size: int
+    complete: bool = False
+    dtype: str = "float16"
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    toolkit: str = __version__
+    format: str = CACHE_FORMAT
+
+    @property
+    def count(self) -> int:
+        return int(self.data["count"])
+
+    @property
+    def shards(self) -> int:
+        return -(-self.count // self.shard_size)
+
+    def identity(self) -> Dict[str, Any]:
+        """What must match for two caches (or a cache and a run) to describe the same maps."""
+        return {"teacher_sha256": self.teacher["sha256"], "teacher_model": self.teacher["model"],
+                "data_fingerprint": self.data["fingerprint"], "image_size": self.image_size,
+                "num_classes": self.num_classes, "topk": self.topk}
+
+    @classmethod
+    def read(cls, folder: Path) -> "CacheManifest":
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise CSKDError(f"{folder} is not a teacher cache (no {MANIFEST}); make one with `cskd cache-teacher`")
+        data = json.loads(path.read_text())
+        if data.get("format") != CACHE_FORMAT:
+            raise CSKDError(f"{path} has format {data.get('format')!r}, not {CACHE_FORMAT!r}; rebuild it with `cskd cache-teacher`")
+        data["grid"] = tuple(data["grid"])
+        return cls(**data)
+
+    def write(self, folder: Path) -> None:
+        atomic_write_json(Path(folder) / MANIFEST, asdict(self))
+
+
+def shard_paths(folder: Path, shard: int) -> Tuple[Path, Path]:
+    return Path(folder) / f"shard-{shard:05d}.npy", Path(folder) / f"shard-{shard:05d}.idx.npy"
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a temporary name
+            np.save(f, array)
+
+    atomic_write(path, write)
+
+
+def compress(maps: torch.Tensor, topk: Optional[int]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Dense logits ``[n, K, H, W]`` -> float16 values (and int16 class indices for a top-k cache)."""
+    if topk is None:
+        return maps.to(torch.float16).cpu().numpy(), None
+    values, indices = maps.topk(topk, dim=1)
+    return values.to(torch.float16).cpu().numpy(), indices.to(torch.int16).cpu().numpy()
+
+
+def expand(values: torch.Tensor, indices: Optional[torch.Tensor], num_classes: int) -> torch.Tensor:
+    """Stored rows -> float32 logits ``[n, K, H, W]``; classes outside a top-k get the k-th value
+    minus :data:`MISSING_LOGIT_GAP` (finite, so means and KL stay finite; far below every kept class)."""
+    values = values.float()
+    if indices is None:
+        return values
+    floor = values.min(dim=1, keepdim=True).values - MISSING_LOGIT_GAP
+    full = floor.expand(-1, num_classes, -1, -1).clone()
+    return full.scatter_(1, indices.long(), values)
+
+
+class TeacherCache:
+    """A complete cache, memory-mapped: ``maps(indices)`` gives the float32 logit maps of those images."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.manifest = CacheManifest.read(self.folder)
+        if not self.manifest.complete:
+            raise CSKDError(f"teacher cache {self.folder} is incomplete (an interrupted `cskd cache-teacher`); "
+                            "run the same command again to finish it")
+        self._values: List[np.ndarray] = []
+        self._indices: List[Optional[np.ndarray]] = []
+        for shard in range(self.manifest.shards):
+            values_path, index_path = shard_paths(self.folder, shard)
+            self._values.append(np.load(values_path, mmap_mode="r"))
+            self._indices.append(np.load(index_path, mmap_mode="r") if self.manifest.topk else None)
+
+    def check_matches(self, expected: Dict[str, Any]) -> None:
+        """Refuse a cache made by another teacher, of other data, at another size or class count."""
+        mine = self.manifest.identity()
+        wrong = [f"{key} is {mine[key]!r}, the run needs {value!r}" for key, value in expected.items()
+                 if key in mine and value is not None and mine[key] != value]
+        if wrong:
+            raise CSKDError(f"teacher cache {self.folder} does not match this run ({'; '.join(wrong)}); rebuild it with "
+                            "`cskd cache-teacher` (same config) or drop teacher.cache to run the teacher online")
+
+    def maps(self, indices: torch.Tensor) -> torch.Tensor:
+        size = self.manifest.shard_size
+        rows = indices.tolist()
+        values = torch.from_numpy(np.stack([self._values[i // size][i % size] for i in rows]))
+        index_rows = None
+        if self.manifest.topk:
+            index_rows = torch.from_numpy(np.stack([self._indices[i // size][i % size] for i in rows]))
+        return expand(values, index_rows, self.manifest.num_classes)
+
+
+def write_cache(folder: Path, manifest: CacheManifest, dataset, teacher_fn, rank: int = 0, world_size: int = 1,
+                batch_size: int = 256, workers: int = 2, show_progress: bool = True) -> int:
+    """Compute and store this rank's missing shards; returns how many images it computed.
+
+    ``teacher_fn(images [N,C,H,W] in [0,1]) -> dense logits [N,K,H,W]``. Shards already on disk are
+    skipped, so an interrupted run continues where it stopped.
+    """
+    mine = [s for s in range(manifest.shards) if s % world_size == rank and not shard_paths(folder, s)[0].is_file()]
+    todo = sum(min(manifest.shard_size, manifest.count - s * manifest.shard_size) for s in mine)
+    with tqdm(total=todo, desc="teacher cache", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
+        for shard in mine:
+            start = shard * manifest.shard_size
+            rows = Subset(dataset, range(start, min(start + manifest.shard_size, manifest.count)))
+            chunks = []
+            for images, _ in DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=workers):
+                chunks.append(teacher_fn(images).float().cpu())
+                bar.update(len(images))
+            values, indices = compress(torch.cat(chunks), manifest.topk)
+            values_path, index_path = shard_paths(folder, shard)
+            if indices is not None:
+                _save_npy(index_path, indices)
+            _save_npy(values_path, values)  # last: a shard counts as done once its values exist
+    return todo
+
+
+def missing_shards(folder: Path, manifest: CacheManifest) -> List[int]:
+    return [s for s in range(manifest.shards) if not shard_paths(folder, s)[0].is_file()]

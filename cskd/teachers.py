@@ -1,0 +1,233 @@
+"""The teacher a student run distils from: run online on every batch, or read from a cache.
+
+Both give ``(dense [N,K,H,W], global [N,K])`` logits for a batch of augmented images. The cached
+teacher never runs: each image's stored map (the teacher on the whole image) follows the image's
+augmentation instead:
+
+* random-resized crop: RoIAlign of the crop box onto the teacher's grid (``torchvision.ops.roi_align``,
+  aligned, adaptive sampling: an identity box reproduces the map exactly, a 2:1 box averages cells);
+* horizontal flip: the map is mirrored;
+* mixup: the maps are mixed with the same weight; CutMix: the box's cells are pasted, a partly
+  covered cell blended by the share of it the box covers;
+* global logits: the mean of the aligned map (exact for pool + linear heads: G_T = mean_cells D_T).
+
+The approximation: augmentations that move pixels without a box (RandAugment's rotations, shears
+and translations, random erasing) are not followed; the target is the teacher's view of the
+un-rotated, un-erased crop. The demo turns them off; with them on, a cached run trades that
+mismatch for never running the teacher (see the README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.ops import roi_align
+
+from cskd.checkpoint import ModelSpec, read_spec, resolve_checkpoint
+from cskd.config import Config
+from cskd.data.datasets import DatasetInfo, build_dataset, fingerprint
+from cskd.data.mixing import MixRecord
+from cskd.data.transforms import eval_transform, normalize
+from cskd.distributed import barrier, init_distributed, shutdown
+from cskd.errors import CSKDError
+from cskd.files import file_sha256
+from cskd.models import DenseTeacher, create_teacher
+from cskd.run import resolve_cache_reference, resolve_teacher_reference
+from cskd.teacher_cache import ALL_CLASSES_UP_TO, DEFAULT_TOPK, CacheManifest, TeacherCache, missing_shards, write_cache
+
+TeacherOutputs = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class LoadedTeacher:
+    """The frozen teacher of a config, with what identifies it."""
+
+    name: str  # timm model name
+    model: DenseTeacher
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    checkpoint: Path
+    kwargs: Dict[str, Any]
+
+    def __call__(self, images: torch.Tensor) -> TeacherOutputs:
+        """``images`` in [0, 1]: normalised the teacher's own way, then ``(dense, global)``."""
+        with torch.no_grad():
+            dense, global_logits = self.model(normalize(images, self.mean, self.std))
+        return dense.float(), global_logits.float()
+
+    def identity(self) -> Dict[str, Any]:
+        return {"model": self.name, "checkpoint": str(self.checkpoint.resolve()), "sha256": file_sha256(self.checkpoint),
+                "kwargs": self.kwargs, "mean": list(self.mean), "std": list(self.std)}
+
+
+def teacher_kwargs(cfg: Config, info: DatasetInfo) -> Tuple[Path, Optional[ModelSpec], Dict[str, Any]]:
+    """The teacher checkpoint of ``cfg``, its spec (None for a plain state dict) and its timm options."""
+    path = resolve_checkpoint(resolve_teacher_reference(cfg.teacher.checkpoint))
+    spec = read_spec(path)
+    if spec is not None:
+        _check_compatible(spec, info, path)
+    return path, spec, {**(spec.kwargs if spec else {}), **cfg.teacher.kwargs}
+
+
+def teacher_network(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
+    """The teacher's deployable CNN with random weights: what its cost is measured on."""
+    _, _, kwargs = teacher_kwargs(cfg, info)
+    return create_teacher(cfg.teacher.model, info.num_classes, info.channels, **kwargs).model
+
+
+def load_teacher(cfg: Config, info: DatasetInfo, device: torch.device) -> LoadedTeacher:
+    """The teacher ``cfg`` names, its timm options and normalisation taken from its checkpoint."""
+    path, spec, kwargs = teacher_kwargs(cfg, info)
+    mean = tuple(cfg.teacher.mean or (spec.mean if spec else info.mean))
+    std = tuple(cfg.teacher.std or (spec.std if spec else info.std))
+    model = create_teacher(cfg.teacher.model, info.num_classes, info.channels, checkpoint=path, **kwargs)
+    return LoadedTeacher(cfg.teacher.model, model.to(device), mean, std, path, kwargs)
+
+
+def _check_compatible(spec: ModelSpec, info: DatasetInfo, path: Path) -> None:
+    if spec.num_classes != info.num_classes:
+        raise CSKDError(f"teacher {path} predicts {spec.num_classes} classes but the data has {info.num_classes}; "
+                        "use a teacher trained on this data set")
+    if spec.in_chans != info.channels:
+        raise CSKDError(f"teacher {path} takes {spec.in_chans}-channel images but the data has {info.channels}; "
+                        "set data.channels to match or retrain the teacher")
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets for a batch
+
+
+@dataclass
+class OnlineTeacher:
+    """Runs the frozen teacher on each (augmented, mixed) batch."""
+
+    teacher: LoadedTeacher
+
+    def __call__(self, images: torch.Tensor, batch: Dict[str, Any]) -> TeacherOutputs:
+        return self.teacher(images)
+
+
+def crop_maps(maps: torch.Tensor, boxes: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """RoIAlign of normalised boxes ``[N, 4]`` (x0, y0, x1, y1 in [0, 1]) on maps ``[N, K, H, W]``
+    that cover whole images, onto ``size`` cells; an identity box returns the map unchanged."""
+    height, width = maps.shape[-2:]
+    scale = torch.tensor([width, height, width, height], dtype=maps.dtype, device=maps.device)
+    rois = torch.cat([torch.arange(len(maps), dtype=maps.dtype, device=maps.device)[:, None], boxes.to(maps) * scale], dim=1)
+    return roi_align(maps, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def mix_maps(maps: torch.Tensor, mix: Optional[MixRecord]) -> torch.Tensor:
+    """Mix maps like timm mixed their images: with the reversed batch, by weight or by CutMix box."""
+    if mix is None or mix.lam == 1.0:
+        return maps
+    reverse = maps.flip(0)
+    if mix.box is None:
+        return mix.lam * maps + (1.0 - mix.lam) * reverse
+    share = box_coverage(mix.box, mix.size, maps.shape[-2:]).to(maps)
+    return maps * (1.0 - share) + reverse * share
+
+
+def box_coverage(box: Tuple[int, int, int, int], image_size: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+    """``[H, W]``: the share of each grid cell's area that a pixel box (y0, y1, x0, x1) covers."""
+    y0, y1, x0, x1 = box
+    (image_h, image_w), (grid_h, grid_w) = image_size, grid
+
+    def overlap(low: float, high: float, cells: int, pixels: int) -> torch.Tensor:
+        edges = torch.arange(cells + 1, dtype=torch.float64) * pixels / cells
+        return ((torch.minimum(edges[1:], torch.tensor(float(high))) - torch.maximum(edges[:-1], torch.tensor(float(low))))
+                .clamp(min=0) / (pixels / cells))
+
+    return overlap(y0, y1, grid_h, image_h)[:, None] * overlap(x0, x1, grid_w, image_w)[None, :]
+
+
+@dataclass
+class CachedTeacher:
+    """Teacher targets read from a :class:`~cskd.teacher_cache.TeacherCache`: the teacher never runs."""
+
+    cache: TeacherCache
+
+    def __call__(self, images: torch.Tensor, batch: Dict[str, Any]) -> TeacherOutputs:
+        maps = self.cache.maps(batch["index"]).to(images.device)
+        dense = crop_maps(maps, batch["box"], tuple(self.cache.manifest.grid))
+        flips = batch["flip"].to(images.device).bool()
+        dense = torch.where(flips[:, None, None, None], dense.flip(-1), dense)
+        dense = mix_maps(dense, batch.get("mix"))
+        return dense, dense.mean(dim=(2, 3))
+
+
+def build_teacher_targets(cfg: Config, info: DatasetInfo, train_set: Dataset, device: torch.device):
+    """The run's teacher targets: from ``teacher.cache`` when set (checked against this run), else online."""
+    path, _, cfg.teacher.kwargs = teacher_kwargs(cfg, info)  # the kwargs are saved with the run's config
+    if not cfg.teacher.cache:
+        return OnlineTeacher(load_teacher(cfg, info, device))
+    cache = TeacherCache(resolve_cache_reference(cfg.teacher.cache))
+    cache.check_matches({"teacher_sha256": file_sha256(path), "data_fingerprint": fingerprint(train_set),
+                         "image_size": cfg.student.img_size, "num_classes": info.num_classes})
+    return CachedTeacher(cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a cache (`cskd cache-teacher`)
+
+
+def cache_teacher(cfg: Config, out: Path, topk: Optional[int] = None, shard_size: int = 4096, batch_size: int = 256,
+                  device: str = "auto", show_progress: bool = True) -> CacheManifest:
+    """Run ``cfg``'s teacher once over its training split (whole images at ``student.img_size``) and
+    store the dense maps in ``out``; resumes an interrupted cache, parallel under torchrun."""
+    env = init_distributed(device)
+    try:
+        out = Path(out)
+        _, info = build_dataset(cfg.data.name, "val", cfg.data.path, cfg.data.channels)
+        transform = eval_transform(cfg.student.img_size, info.channels, cfg.data.interpolation)
+        dataset, _ = build_dataset(cfg.data.name, "train", cfg.data.path, cfg.data.channels, transform)
+        teacher = load_teacher(cfg, info, env.device)
+        manifest = _new_manifest(cfg, info, dataset, teacher, topk, shard_size)
+        if env.is_main:
+            _start_or_resume(out, manifest)
+        barrier(env)
+        done = write_cache(out, manifest, dataset, lambda images: teacher(images.to(env.device))[0], env.rank, env.world_size,
+                           batch_size, cfg.data.workers, show_progress and env.is_main)
+        barrier(env)
+        if env.is_main:
+            missing = missing_shards(out, manifest)
+            if missing:
+                raise CSKDError(f"{len(missing)} shards of {out} are missing after the run; run the same command again")
+            manifest.complete = True
+            manifest.write(out)
+            print(f"teacher cache {out}: {manifest.count} images, grid {manifest.grid[0]}x{manifest.grid[1]}, "
+                  f"{'all' if manifest.topk is None else f'top-{manifest.topk} of'} {manifest.num_classes} classes "
+                  f"({done} computed now)")
+        return manifest
+    finally:
+        shutdown(env)
+
+
+def _new_manifest(cfg: Config, info: DatasetInfo, dataset: Dataset, teacher: LoadedTeacher, topk: Optional[int],
+                  shard_size: int) -> CacheManifest:
+    probe = torch.zeros(1, info.channels, cfg.student.img_size, cfg.student.img_size, device=next(teacher.model.parameters()).device)
+    grid = tuple(teacher(probe)[0].shape[-2:])
+    if topk is None and info.num_classes > ALL_CLASSES_UP_TO:
+        topk = DEFAULT_TOPK
+    if topk is not None and not 1 <= topk < info.num_classes:
+        raise CSKDError(f"--topk {topk} must be between 1 and {info.num_classes - 1}; omit it to store every class")
+    return CacheManifest(
+        teacher=teacher.identity(),
+        data={"name": cfg.data.name, "path": cfg.data.path, "split": "train", "count": len(dataset),
+              "fingerprint": fingerprint(dataset)},
+        image_size=cfg.student.img_size, grid=grid, num_classes=info.num_classes, topk=topk, shard_size=shard_size,
+    )
+
+
+def _start_or_resume(out: Path, manifest: CacheManifest) -> None:
+    if (out / "manifest.json").is_file():
+        existing = CacheManifest.read(out)
+        if existing.identity() != manifest.identity() or existing.shard_size != manifest.shard_size:
+            raise CSKDError(f"{out} holds a cache of another teacher, data set or layout; choose another --out or delete it")
+        if existing.complete:
+            return
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.write(out)

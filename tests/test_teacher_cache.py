@@ -1,0 +1,126 @@
+"""The teacher cache: manifest and shards, top-k storage, resume after a kill, torchrun shards,
+stale caches refused, and training that never runs the teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import cskd.teachers
+from cskd.config import load_config
+from cskd.errors import CSKDError
+from cskd.teacher_cache import MISSING_LOGIT_GAP, CacheManifest, TeacherCache, compress, expand, shard_paths
+from cskd.teachers import cache_teacher
+from cskd.train import train
+from tests.conftest import quick_overrides
+
+SMALL = ["data.workers=0"]
+
+
+def build(out, shard_size=4096, **kwargs):
+    return cache_teacher(load_config(None, SMALL), out, shard_size=shard_size, show_progress=False, **kwargs)
+
+
+def test_manifest_and_shards_describe_the_teacher_and_data(tmp_path):
+    manifest = build(tmp_path / "c", shard_size=3000)
+    data = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert data["complete"] and data["grid"] == [4, 4] and data["num_classes"] == 10 and data["topk"] is None
+    assert data["data"]["count"] == 10000 and len(data["teacher"]["sha256"]) == 64
+    shards = [np.load(shard_paths(tmp_path / "c", s)[0]) for s in range(manifest.shards)]
+    assert [len(s) for s in shards] == [3000, 3000, 3000, 1000] and shards[0].dtype == np.float16
+    assert shards[0].shape[1:] == (10, 4, 4)
+
+
+def test_topk_keeps_the_largest_logits_and_their_order():
+    maps = torch.randn(6, 40, 3, 3)
+    values, indices = compress(maps, topk=5)
+    assert values.shape == (6, 5, 3, 3) and indices.dtype == np.int16
+    full = expand(torch.from_numpy(values), torch.from_numpy(indices), 40)
+    assert torch.equal(full.argmax(1), maps.argmax(1))
+    kept = torch.zeros_like(maps, dtype=torch.bool).scatter_(1, torch.from_numpy(indices).long(), True)
+    assert torch.allclose(full[kept], maps[kept].half().float())
+    fifth = maps.topk(5, dim=1).values[:, -1:].half().float()
+    assert torch.allclose(full.masked_fill(kept, float("inf")).amin(1, keepdim=True), fifth - MISSING_LOGIT_GAP)
+
+
+def test_an_interrupted_cache_resumes_with_the_missing_shards_only(tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    real = cskd.teachers.write_cache
+    calls = []
+
+    def killed_after_two_shards(folder, manifest, dataset, teacher_fn, *args, **kwargs):
+        def counting(images):
+            calls.append(len(images))
+            if len(calls) > 2 * (manifest.shard_size // 256):  # batches of 256
+                raise KeyboardInterrupt
+            return teacher_fn(images)
+        return real(folder, manifest, dataset, counting, *args, **kwargs)
+
+    monkeypatch.setattr(cskd.teachers, "write_cache", killed_after_two_shards)
+    with pytest.raises(KeyboardInterrupt):
+        build(out, shard_size=2048)
+    monkeypatch.undo()
+    assert not CacheManifest.read(out).complete
+    with pytest.raises(CSKDError, match="incomplete"):
+        TeacherCache(out)
+    done = [s for s in range(5) if shard_paths(out, s)[0].is_file()]
+    assert done == [0, 1]
+    before = shard_paths(out, 0)[0].stat().st_mtime_ns
+    build(out, shard_size=2048)
+    assert TeacherCache(out).manifest.complete and shard_paths(out, 0)[0].stat().st_mtime_ns == before
+    reference = build(tmp_path / "ref", shard_size=2048)
+    for s in range(reference.shards):
+        assert np.array_equal(np.load(shard_paths(out, s)[0]), np.load(shard_paths(tmp_path / "ref", s)[0]))
+
+
+def test_a_cache_of_another_teacher_or_data_is_refused(tmp_path):
+    build(tmp_path / "c")
+    cache = TeacherCache(tmp_path / "c")
+    with pytest.raises(CSKDError, match=r"teacher_sha256 is .* the run needs 'abc'\); rebuild it with `cskd cache-teacher`"):
+        cache.check_matches({"teacher_sha256": "abc"})
+    with pytest.raises(CSKDError, match="image_size is 32, the run needs 64"):
+        cache.check_matches({"image_size": 64})
+    # a run on other data (a subset as its own training split would differ; here another data set)
+    with pytest.raises(CSKDError, match="data_fingerprint"):
+        cache.check_matches({"data_fingerprint": "0" * 64})
+
+
+@pytest.mark.slow
+def test_training_from_the_cache_never_runs_the_teacher(tmp_path, monkeypatch):
+    build(tmp_path / "c")
+    monkeypatch.setattr(cskd.teachers, "load_teacher", lambda *a, **k: pytest.fail("the teacher ran"))
+    cfg = load_config(None, quick_overrides(tmp_path, **{"teacher.cache": str(tmp_path / "c")}))
+    result = train(cfg, show_progress=False)
+    assert result.final["loss_cskd"] > 0 and result.final["loss_deit"] > 0
+
+
+@pytest.mark.slow
+def test_training_refuses_a_stale_cache(tmp_path):
+    build(tmp_path / "c")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    manifest["teacher"]["sha256"] = "f" * 64  # as if made by another teacher
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(None, quick_overrides(tmp_path, **{"teacher.cache": str(tmp_path / "c")}))
+    with pytest.raises(CSKDError, match="does not match this run .*teacher_sha256"):
+        train(cfg, show_progress=False)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_write_their_own_shards_and_match_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531", "-m", "cskd",
+         "cache-teacher", "--out", str(tmp_path / "ddp"), "--shard-size", "2500", "--no-progress", "data.workers=0"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = build(tmp_path / "one", shard_size=2500)
+    assert TeacherCache(tmp_path / "ddp").manifest.complete
+    for s in range(single.shards):
+        a, b = np.load(shard_paths(tmp_path / "ddp", s)[0]), np.load(shard_paths(tmp_path / "one", s)[0])
+        assert np.abs(a.astype(np.float32) - b.astype(np.float32)).max() <= 1e-2 * np.abs(b).max()

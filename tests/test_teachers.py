@@ -1,0 +1,106 @@
+"""Cached teacher targets follow the augmentation: crop boxes, flips, mixup and CutMix, and equal
+the online teacher's when nothing moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from cskd.config import load_config
+from cskd.data.datasets import build_dataset
+from cskd.data.mixing import MixRecord, RecordingMixup
+from cskd.data.samples import Indexed
+from cskd.data.transforms import train_transform
+from cskd.teacher_cache import TeacherCache
+from cskd.teachers import CachedTeacher, box_coverage, cache_teacher, crop_maps, load_teacher, mix_maps
+
+torch.manual_seed(0)
+MAPS = torch.randn(3, 5, 4, 4)
+WHOLE = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(3, 4)
+
+
+def test_identity_box_reproduces_the_stored_map():
+    assert torch.allclose(crop_maps(MAPS, WHOLE, (4, 4)), MAPS, atol=1e-6)
+
+
+def test_half_image_box_gives_the_maps_half():
+    top_left = torch.tensor([[0.0, 0.0, 0.5, 0.5]]).expand(3, 4)
+    assert torch.allclose(crop_maps(MAPS, top_left, (2, 2)), MAPS[..., :2, :2], atol=1e-6)
+    right = torch.tensor([[0.5, 0.0, 1.0, 1.0]]).expand(3, 4)
+    assert torch.allclose(crop_maps(MAPS, right, (4, 2)), MAPS[..., :, 2:], atol=1e-6)
+
+
+def test_a_coarser_grid_averages_cells_like_the_loss_pooling():
+    fine = torch.randn(2, 3, 8, 8)
+    whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(2, 4)
+    assert torch.allclose(crop_maps(fine, whole, (4, 4)), F.avg_pool2d(fine, 2), atol=1e-6)
+
+
+def test_flip_mirrors_the_map_and_global_logits_are_its_mean():
+    class Stored:
+        manifest = type("M", (), {"grid": (4, 4)})
+
+        def maps(self, indices):
+            return MAPS[indices]
+
+    teacher = CachedTeacher(Stored())
+    batch = {"index": torch.tensor([0, 1, 2]), "box": WHOLE.clone(), "flip": torch.tensor([True, False, True])}
+    dense, global_logits = teacher(torch.zeros(3, 1, 32, 32), batch)
+    assert torch.allclose(dense[0], MAPS[0].flip(-1), atol=1e-6) and torch.allclose(dense[1], MAPS[1], atol=1e-6)
+    assert torch.allclose(global_logits, dense.mean(dim=(2, 3)))
+
+
+def test_mixup_mixes_maps_with_the_images_weight():
+    mixed = mix_maps(MAPS, MixRecord(0.3, None, (32, 32)))
+    assert torch.allclose(mixed, 0.3 * MAPS + 0.7 * MAPS.flip(0))
+
+
+def test_cutmix_pastes_the_covered_cells_and_blends_a_half_covered_one():
+    # 32 px images, 4x4 grid: 8 px cells. The box covers rows 0-15 (cells 0, 1) and columns 8-19:
+    # all of column cell 1 and half of column cell 2.
+    box = (0, 16, 8, 20)
+    share = box_coverage(box, (32, 32), (4, 4))
+    expected_share = torch.zeros(4, 4, dtype=torch.float64)
+    expected_share[:2, 1], expected_share[:2, 2] = 1.0, 0.5
+    assert torch.allclose(share, expected_share)
+    mixed = mix_maps(MAPS, MixRecord(1 - 24 / 64, box, (32, 32)))
+    reverse = MAPS.flip(0)
+    assert torch.allclose(mixed[..., :2, 1], reverse[..., :2, 1]) and torch.allclose(mixed[..., 2:, :], MAPS[..., 2:, :])
+    assert torch.allclose(mixed[..., :2, 2], 0.5 * MAPS[..., :2, 2] + 0.5 * reverse[..., :2, 2])
+
+
+def test_recording_mixup_records_what_it_did_to_the_images():
+    mixup = RecordingMixup(mixup_alpha=0.0, cutmix_alpha=1.0, num_classes=10)
+    images = torch.randn(4, 1, 32, 32)
+    mixed, _ = mixup(images.clone(), torch.arange(4))
+    record = mixup.last
+    y0, y1, x0, x1 = record.box
+    expected = images.clone()
+    expected[:, :, y0:y1, x0:x1] = images.flip(0)[:, :, y0:y1, x0:x1]
+    assert torch.equal(mixed, expected) and record.size == (32, 32)
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """The packaged demo teacher over the embedded training split."""
+    out = tmp_path_factory.mktemp("cache") / "demo"
+    cfg = load_config(None, ["data.workers=0"])
+    cache_teacher(cfg, out, show_progress=False)
+    return cfg, out
+
+
+def test_without_augmentation_cached_targets_equal_the_online_teachers(demo_cache):
+    cfg, out = demo_cache
+    d = cfg.data
+    transform = train_transform(32, 1, None, [1.0, 1.0], 0.0, 0.0, d.interpolation, 0.0)  # whole image, no flip
+    dataset, info = build_dataset("fashion-mnist-demo", "train", transform=transform)
+    images, _, batch = next(iter(DataLoader(Indexed(dataset), batch_size=64, shuffle=True,
+                                            generator=torch.Generator().manual_seed(0))))
+    assert torch.allclose(batch["box"], torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(64, 4))
+    online_dense, online_global = load_teacher(cfg, info, torch.device("cpu"))(images)
+    cached_dense, cached_global = CachedTeacher(TeacherCache(out))(images, batch)
+    scale = online_dense.abs().max()
+    assert (cached_dense - online_dense).abs().max() < 2e-3 * scale  # fp16 storage
+    assert (cached_global - online_global).abs().max() < 2e-3 * scale
