@@ -15,10 +15,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from cskd.data.datasets import DATASETS
+from cskd.data.transforms import RE_MODES
 from cskd.engine import AMP_MODES
 from cskd.errors import CSKDError, did_you_mean
 from cskd.files import atomic_write_text
-from cskd.loss import DECAYS, KD_TYPES
+from cskd.loss import CKF_PROGRESS, DECAYS, KD_TYPES
 from cskd.tasks import TASKS
 
 
@@ -35,6 +36,9 @@ class DataConfig:
     hflip: float = 0.5
     color_jitter: float = 0.3  # brightness/contrast/saturation jitter when auto_augment is off (DeiT)
     reprob: float = 0.25  # random erasing probability
+    re_mode: str = "const"  # random erasing fill: const (zeros) | rand (per channel) | pixel (per pixel, DeiT's)
+    repeated_aug: int = 0  # DeiT's repeated augmentation: each image this many times per epoch (3 in DeiT); 0 off
+    eval_crop_pct: float = 1.0  # evaluation: resize to img_size / crop_pct, then centre crop (DeiT: 0.875)
     mixup: float = 0.8  # mixup alpha; 0 disables
     cutmix: float = 1.0  # cutmix alpha; 0 disables
     mixup_prob: float = 1.0
@@ -94,6 +98,7 @@ class LossConfig:
     cskd_type: str = "hard"  # hard | soft | none
     cskd_weight: float = 1.0  # lambda
     decay: str = "linear"  # CKF schedule: linear | x2 | cos | none
+    ckf_progress: str = "step"  # progress x for CKF: step (continuous fraction) | epoch (whole epochs, official code)
     tau: float = 1.0  # temperature of the soft variants
 
 
@@ -118,6 +123,8 @@ _CHOICES = {
     "loss.deit_type": KD_TYPES,
     "loss.cskd_type": KD_TYPES,
     "loss.decay": DECAYS,
+    "loss.ckf_progress": CKF_PROGRESS,
+    "data.re_mode": RE_MODES,
 }
 # key: (low, high, low inclusive) -- ranges a run can sensibly take
 _RANGES = {
@@ -138,6 +145,8 @@ _RANGES = {
     "data.hflip": (0, 1, True),
     "data.color_jitter": (0, 10, True),
     "data.reprob": (0, 1, True),
+    "data.repeated_aug": (0, 64, True),
+    "data.eval_crop_pct": (0, 1, False),
     "data.mixup": (0, 1e3, True),
     "data.cutmix": (0, 1e3, True),
     "data.mixup_prob": (0, 1, True),

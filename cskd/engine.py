@@ -14,7 +14,7 @@ import torch.nn as nn
 from cskd.data.transforms import normalize
 from cskd.distributed import DistEnv, all_reduce_sum
 from cskd.errors import CSKDError
-from cskd.loss import ckf_ratio
+from cskd.loss import ckf_ratio, training_progress
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
@@ -71,6 +71,7 @@ class StepContext:
     ema: Optional[object] = None
     clip_grad: Optional[float] = None
     decay: str = "linear"
+    ckf_progress: str = "step"  # "step" (continuous) or "epoch" (the official code's whole epochs)
 
 
 def _loss_parts(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor, batch: Dict[str, torch.Tensor],
@@ -99,7 +100,7 @@ def train_one_epoch(
         if ctx.mixup is not None:
             images, targets = ctx.mixup(images, targets)
             batch["mix"] = ctx.mixup.last  # cached teacher targets are mixed the same way
-        progress = step / total_steps
+        progress = training_progress(step, steps_per_epoch, total_steps, ctx.ckf_progress)
         parts = _loss_parts(ctx, images, targets, batch, progress)
         loss = parts["loss"]
         step += 1
@@ -120,7 +121,9 @@ def train_one_epoch(
     metrics = {f"loss_{n}" if n != "loss" else "loss": float(totals[j] / totals[-1]) for j, n in enumerate(names)}
     _check_finite(metrics["loss"], epoch, steps_per_epoch - 1)
     metrics["lr"] = ctx.optimizer.param_groups[0]["lr"]
-    metrics["ckf_ratio"] = ckf_ratio(step / total_steps, ctx.decay)
+    # step counting: the ratio the epoch ends at; epoch counting: the one it used throughout
+    end = training_progress(step - 1, steps_per_epoch, total_steps, "epoch") if ctx.ckf_progress == "epoch" else step / total_steps
+    metrics["ckf_ratio"] = ckf_ratio(end, ctx.decay)
     metrics["images_per_s"] = float(totals[-1]) / elapsed
     return metrics
 

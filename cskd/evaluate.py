@@ -47,7 +47,8 @@ def evaluation_dataset(checkpoint: Path, model: ModelInput, split: str, data_nam
     same_data = defaults is not None and name == defaults.name
     path = data_path or (defaults.path if same_data else None)
     interpolation = defaults.interpolation if same_data else "bicubic"
-    dataset, info = build_dataset(name, split, path, model.channels, eval_transform(model.size, model.channels, interpolation))
+    crop_pct = defaults.eval_crop_pct if defaults is not None else 1.0  # how the model was validated
+    dataset, info = build_dataset(name, split, path, model.channels, eval_transform(model.size, model.channels, interpolation, crop_pct))
     if info.num_classes != model.num_classes:
         raise CSKDError(f"{checkpoint} predicts {model.num_classes} classes but {name} has {info.num_classes}; "
                         "use the data set it was trained on (--data)")

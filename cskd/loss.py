@@ -24,6 +24,18 @@ import torch.nn.functional as F
 
 DECAYS = ("linear", "x2", "cos", "none")
 KD_TYPES = ("hard", "soft", "none")
+CKF_PROGRESS = ("step", "epoch")  # how training progress x is counted
+
+
+def training_progress(step: int, steps_per_epoch: int, total_steps: int, counting: str = "step") -> float:
+    """Progress ``x`` in [0, 1] for the CKF ratio at optimisation step ``step`` (0-based).
+
+    ``step``: the continuous fraction ``step / total_steps`` (cskd's default: short runs decay
+    smoothly); ``epoch``: whole epochs, ``epoch / epochs`` as the official CSKD code counts.
+    """
+    if counting == "epoch":
+        return (step // steps_per_epoch) * steps_per_epoch / total_steps
+    return step / total_steps
 
 
 def needs_teacher(deit_type: str, cskd_type: str) -> bool:

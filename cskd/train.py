@@ -17,11 +17,12 @@ from typing import Any, Callable, Dict
 import numpy as np
 import torch
 import torch.nn as nn
+from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from cskd import pairing
@@ -71,23 +72,33 @@ def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
     d = cfg.data
     _, info = build_dataset(d.name, "val", d.path, d.channels)
     train_tf = train_transform(img_size, info.channels, d.auto_augment, d.scale, d.hflip, d.reprob, d.interpolation,
-                               d.color_jitter)
+                               d.color_jitter, d.re_mode)
     train_split = build_dataset(d.name, "train", d.path, d.channels, train_tf)[0]
     train_set = limit(Indexed(train_split), d.max_train)  # indices stay those of the whole split
-    val_set = limit(build_dataset(d.name, "val", d.path, d.channels, eval_transform(img_size, info.channels, d.interpolation))[0],
-                    d.max_val)
+    val_tf = eval_transform(img_size, info.channels, d.interpolation, d.eval_crop_pct)
+    val_set = limit(build_dataset(d.name, "val", d.path, d.channels, val_tf)[0], d.max_val)
     global_batch = cfg.train.batch_size * env.world_size
     if len(train_set) < global_batch:
         raise CSKDError(
             f"the training split has {len(train_set)} images, fewer than one global batch ({global_batch}); lower train.batch_size"
         )
-    # The same sampler with one replica in single-process runs: the order then depends only on the
-    # seed and the epoch, and a 2-process run sees the same images per step as one process with 2x the batch.
-    sampler = DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
+    sampler = train_sampler(train_set, cfg, env)
     common = dict(num_workers=d.workers, pin_memory=env.device.type == "cuda", persistent_workers=False)
     train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(_shard(val_set, env), batch_size=max(cfg.train.batch_size, 64), shuffle=False, **common)
     return Loaders(train_loader, val_loader, info, train_split)
+
+
+def train_sampler(train_set: Dataset, cfg: Config, env: DistEnv) -> Sampler:
+    """DeiT's repeated augmentation (timm's RepeatAugSampler) when asked, else a DistributedSampler.
+
+    A DistributedSampler with one replica in single-process runs too: the order then depends only on
+    the seed and the epoch, and a 2-process run sees the same images per step as one process with
+    twice the batch.
+    """
+    if cfg.data.repeated_aug > 1:
+        return RepeatAugSampler(train_set, env.world_size, env.rank, shuffle=True, num_repeats=cfg.data.repeated_aug)
+    return DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
 
 
 def _shard(dataset: Dataset, env: DistEnv) -> Dataset:
@@ -176,7 +187,7 @@ def build_session(cfg: Config, env: DistEnv, resume: bool) -> Session:
         scheduler=scheduler, model_norm=Normalization(spec.mean, spec.std), env=env, amp_dtype=dtype,
         scaler=torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None, mixup=mixup,
         ema=ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None,
-        clip_grad=cfg.train.clip_grad, decay=cfg.loss.decay,
+        clip_grad=cfg.train.clip_grad, decay=cfg.loss.decay, ckf_progress=cfg.loss.ckf_progress,
     )
     session = Session(cfg, env, run, task, spec, loaders, model, ctx)
     if resume:

@@ -113,11 +113,14 @@ def _build_context(stage: Path, module: DeployModule, trained: Trained, options:
 
 def _package(trained: Trained, options: ExportOptions, fmt: ExportFormat, built: BuiltEngine) -> ModelPackage:
     spec = trained.spec
+    run = RunDir.of_checkpoint(trained.path)
+    data = run.data_config() if run is not None else None  # serve images as the run validated them
     return ModelPackage(
         name=f"{spec.role}-{spec.model}", role=spec.role, architecture=spec.model, engine=built.engine,
         engine_format=fmt.name, precision=options.precision, fused=bool(trained.heads),
         input=InputSpec("input", "uint8" if options.input_kind == "uint8" else "float32", "NCHW", spec.in_chans,
-                        spec.img_size, list(spec.mean), list(spec.std), "bicubic"),
+                        spec.img_size, list(spec.mean), list(spec.std), data.interpolation if data else "bicubic",
+                        data.eval_crop_pct if data else 1.0),
         outputs=output_names(options.probabilities), classes=list(spec.class_names), heads=list(trained.heads),
         engine_max_batch=built.engine_max_batch, build=built.build, files=built.files, toolkit=_toolkit(),
         source={"checkpoint": str(trained.path.resolve()), "sha256": file_sha256(trained.path), "epoch": trained.info.get("epoch")},

@@ -36,7 +36,8 @@ class Serving:
         """Bytes -> uint8 [C, H, W] in a worker thread (decoding is CPU work)."""
         spec = self.package.input
         try:
-            return await run_in_threadpool(decode_image, data, spec.channels, spec.size, spec.resize, self.settings.max_pixels)
+            return await run_in_threadpool(decode_image, data, spec.channels, spec.size, spec.resize, self.settings.max_pixels,
+                                           spec.crop_pct)
         except ImageDecodeError as exc:
             self.metrics.rejected.labels("bad_image").inc()
             raise bad_image(str(exc)) from None

@@ -175,3 +175,33 @@ def test_distillation_without_teacher_outputs_is_an_error():
 def test_loss_rejects_unknown_switch_values():
     with pytest.raises(ValueError, match="cskd_type"):
         CSKDLoss(nn.CrossEntropyLoss(), cskd_type="dense")
+
+
+@pytest.mark.parametrize("switches, heads", [
+    (dict(alpha=0.5, deit_type="hard", cskd_type="hard", cskd_weight=1.0), ("cls", "dist", "dense")),  # CSKD
+    (dict(alpha=0.5, deit_type="hard", cskd_type="none", cskd_weight=1.0), ("cls", "dist")),  # DeiT
+    (dict(alpha=0.5, deit_type="none", cskd_type="none", cskd_weight=1.0), ("cls", "dist")),  # no KD: dist learns labels
+    (dict(alpha=0.0, deit_type="hard", cskd_type="none", cskd_weight=1.0), ("cls",)),  # the dist token gets no weight
+    (dict(alpha=1.0, deit_type="hard", cskd_type="hard", cskd_weight=1.0), ("dist", "dense")),
+    (dict(alpha=0.5, deit_type="hard", cskd_type="soft", cskd_weight=0.0), ("cls", "dist")),  # lambda 0: dense untrained
+])
+def test_the_heads_a_loss_trains_follow_its_switches(switches, heads):
+    from cskd.loss import trained_heads
+
+    assert trained_heads(**switches) == heads
+    # and the criterion gives gradient to exactly those heads
+    torch.manual_seed(0)
+    z = [torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, 2, 2, requires_grad=True)]
+    criterion = CSKDLoss(nn.CrossEntropyLoss(), **switches)
+    teacher = (torch.randn(4, 5, 2, 2), torch.randn(4, 5))
+    criterion(tuple(z), torch.randint(0, 5, (4,)), teacher, progress=0.3)["loss"].backward()
+    got = tuple(name for name, t in zip(("cls", "dist", "dense"), z) if t.grad is not None and t.grad.abs().sum() > 0)
+    assert got == heads
+
+
+def test_training_progress_counts_steps_or_whole_epochs():
+    from cskd.loss import training_progress
+
+    # 4 epochs of 10 steps
+    assert [training_progress(s, 10, 40, "step") for s in (0, 5, 10, 39)] == [0.0, 0.125, 0.25, 0.975]
+    assert [training_progress(s, 10, 40, "epoch") for s in (0, 5, 9, 10, 39)] == [0.0, 0.0, 0.0, 0.25, 0.75]

@@ -1,7 +1,8 @@
-"""fuse_heads: one linear head on [c, d, mean P] equal to the three-head average."""
+"""fuse_heads: one linear head on the chosen heads' features, equal to their average."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cskd.models import create_student, fuse_heads
@@ -33,3 +34,28 @@ def test_fusion_leaves_the_student_untouched(tiny_student):
     before = {k: v.clone() for k, v in tiny_student.state_dict().items()}
     fuse_heads(tiny_student)
     assert all(torch.equal(before[k], v) for k, v in tiny_student.state_dict().items())
+
+
+@pytest.mark.parametrize("heads", [("cls",), ("cls", "dist"), ("dist", "dense"), ("cls", "dense"), ("cls", "dist", "dense")])
+def test_fusing_any_head_selection_equals_the_mean_of_those_heads(heads):
+    torch.manual_seed(2)
+    student = create_student("cskd_deit_nano_distilled_patch4_32", 10, 32, 4, 1, heads=heads, embed_dim=32, depth=1, num_heads=2)
+    for p in student.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    student.eval()
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        out = student.forward_heads(x)
+        by_hand = {"cls": out.cls, "dist": out.dist, "dense": out.dense.mean(dim=(2, 3))}
+        reference = sum(by_hand[h] for h in heads) / len(heads)
+        fused = fuse_heads(student)
+        assert (student(x) - reference).abs().max() < 1e-5
+        assert (fused(x) - reference).abs().max() < 1e-5
+    assert fused.head.in_features == 32 * len(heads)
+
+
+def test_an_unknown_head_is_refused():
+    from cskd.errors import CSKDError
+
+    with pytest.raises(CSKDError, match="subset of"):
+        create_student("cskd_deit_nano_distilled_patch4_32", 10, 32, 4, 1, heads=("patches",))

@@ -135,3 +135,14 @@ def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(tmp_path)
     ddp_rows, single_rows = RunDir(tmp_path / "ddp").metrics(), RunDir(single.run_dir).metrics()
     assert [r["loss"] for r in ddp_rows] == pytest.approx([r["loss"] for r in single_rows], rel=1e-5)
     assert [r["val_top1_fused"] for r in ddp_rows] == [r["val_top1_fused"] for r in single_rows]
+
+
+@pytest.mark.slow
+def test_a_deit_run_predicts_with_the_heads_it_trained(tmp_path):
+    result = run(tmp_path, "deit", **{"loss.cskd_type": "none", "train.epochs": 1})
+    trained = load_trained(result.run_dir)
+    assert trained.spec.heads == ["cls", "dist"] and trained.heads == ("cls", "dist")
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        out = trained.model.forward_heads(x)
+        assert torch.allclose(trained.model(x), (out.cls + out.dist) / 2, atol=1e-6)

@@ -19,6 +19,7 @@ from timm.data import create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from timm.data.transforms_factory import transforms_imagenet_train
 
+RE_MODES = ("const", "rand", "pixel")  # timm's random-erasing fills
 Geometry = Dict[str, torch.Tensor]  # {"box": [x0, y0, x1, y1] in [0, 1] of the source image, "flip": bool}
 
 
@@ -62,6 +63,7 @@ def train_transform(
     reprob: float,
     interpolation: str = "bicubic",
     color_jitter: float = 0.0,
+    re_mode: str = "const",
 ) -> TrainTransform:
     """DeiT's training augmentation (timm's pieces); the result maps an image to ``(tensor, geometry)``."""
     if auto_augment and auto_augment.startswith("rand") and "inc1" in auto_augment and "mmax" not in auto_augment:
@@ -71,16 +73,17 @@ def train_transform(
     primary, pixels, final = transforms_imagenet_train(
         img_size, scale=tuple(scale), hflip=hflip, auto_augment=auto_augment or None, interpolation=interpolation,
         color_jitter=color_jitter or None,  # timm applies it only when auto_augment is off
-        re_prob=reprob, re_mode="const", mean=(0.0,) * channels, std=(1.0,) * channels, separate=True,
+        re_prob=reprob, re_mode=re_mode, mean=(0.0,) * channels, std=(1.0,) * channels, separate=True,
     )
     crop = next(t for t in primary.transforms if isinstance(t, RandomResizedCropAndInterpolation))
     return TrainTransform(RecordedCropFlip(crop, hflip), pixels, final)
 
 
-def eval_transform(img_size: int, channels: int, interpolation: str = "bicubic") -> Callable:
+def eval_transform(img_size: int, channels: int, interpolation: str = "bicubic", crop_pct: float = 1.0) -> Callable:
+    """Resize the shorter side to ``img_size / crop_pct``, centre-crop ``img_size`` (timm's eval transform)."""
     identity = dict(mean=(0.0,) * channels, std=(1.0,) * channels)
     return create_transform(
-        input_size=(channels, img_size, img_size), is_training=False, crop_pct=1.0, interpolation=interpolation, **identity
+        input_size=(channels, img_size, img_size), is_training=False, crop_pct=crop_pct, interpolation=interpolation, **identity
     )
 
 

@@ -28,7 +28,8 @@ class InputSpec:
     size: int  # square side in pixels
     mean: List[float]
     std: List[float]
-    resize: str = "bicubic"  # how the client resizes images to `size`
+    resize: str = "bicubic"  # interpolation of the resize
+    crop_pct: float = 1.0  # shorter side to size / crop_pct, then the centre size x size (timm's eval transform)
 
 
 @dataclass

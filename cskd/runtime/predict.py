@@ -24,7 +24,7 @@ def predict_files(model_dir: Path, images: Sequence[Path], k: int = 5, backend: 
         except OSError as exc:
             raise CSKDError(f"cannot read {path} ({exc.strerror}); pass existing image files") from None
         try:
-            arrays.append(decode_image(data, spec.channels, spec.size, spec.resize))
+            arrays.append(decode_image(data, spec.channels, spec.size, spec.resize, crop_pct=spec.crop_pct))
         except ImageDecodeError as exc:
             raise CSKDError(f"{path}: {exc}") from None
     batch = np.stack(arrays)

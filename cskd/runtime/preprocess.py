@@ -1,14 +1,16 @@
 """Decode client images into the engine's input, as ``model.json`` describes it (no torch).
 
 Pillow decodes with a pixel limit (decompression bombs), EXIF orientation is applied, the image is
-converted to the model's channels and resized (bicubic by default, like the training eval
-transform). The result is uint8 ``[C, H, W]``; :func:`to_engine_input` turns a batch into what the
-graph takes (raw uint8, or float32 normalised with the package's mean and std).
+converted to the model's channels, its shorter side resized to ``size / crop_pct`` and the centre
+``size`` x ``size`` cropped: timm's evaluation transform, the one validation accuracy was measured
+with. The result is uint8 ``[C, H, W]``; :func:`to_engine_input` turns a batch into what the graph
+takes (raw uint8, or float32 normalised with the package's mean and std).
 """
 
 from __future__ import annotations
 
 import io
+import math
 from typing import Sequence
 
 import numpy as np
@@ -24,7 +26,26 @@ class ImageDecodeError(CSKDError):
     """The bytes are not a decodable image (or exceed the pixel limit)."""
 
 
-def decode_image(data: bytes, channels: int, size: int, resize: str = "bicubic", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def resize_and_crop(image: Image.Image, size: int, resize: str = "bicubic", crop_pct: float = 1.0) -> Image.Image:
+    """Shorter side to ``floor(size / crop_pct)`` (aspect kept), then the centre ``size`` x ``size``:
+    torchvision's ``Resize(int)`` and ``CenterCrop`` as timm's eval transform chains them."""
+    width, height = image.size
+    short_target = math.floor(size / crop_pct)
+    if width <= height:
+        target = (short_target, int(short_target * height / width))
+    else:
+        target = (int(short_target * width / height), short_target)
+    if target != (width, height):
+        image = image.resize(target, _RESAMPLE.get(resize, Image.BICUBIC))
+        width, height = target
+    if (width, height) == (size, size):
+        return image
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def decode_image(data: bytes, channels: int, size: int, resize: str = "bicubic", max_pixels: int = MAX_PIXELS,
+                 crop_pct: float = 1.0) -> np.ndarray:
     """Bytes of a PNG/JPEG/... file -> uint8 ``[channels, size, size]``."""
     if not data:
         raise ImageDecodeError("empty image: the request carried no bytes")
@@ -34,9 +55,7 @@ def decode_image(data: bytes, channels: int, size: int, resize: str = "bicubic",
             if width * height > max_pixels:
                 raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
             image = ImageOps.exif_transpose(image)
-            image = image.convert("L" if channels == 1 else "RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), _RESAMPLE.get(resize, Image.BICUBIC))
+            image = resize_and_crop(image.convert("L" if channels == 1 else "RGB"), size, resize, crop_pct)
             array = np.asarray(image, dtype=np.uint8)
     except ImageDecodeError:
         raise
