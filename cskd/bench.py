@@ -35,6 +35,7 @@ class BenchOptions:
     warmup: int = 5
     eval_images: int = 2000
     threads: Optional[int] = None
+    providers: Optional[List[str]] = None  # onnxruntime execution providers
     data: Optional[str] = None
     data_path: Optional[str] = None
     expect_speedup: Optional[float] = None
@@ -134,7 +135,8 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
         raise CSKDError(f"batch sizes must be positive, got {list(options.batch_sizes)}")
     entries = []
     for role, folder in [("teacher", Path(teacher))] + [("student", Path(s)) for s in students]:
-        backend, package = create_backend(folder, options.backend, BackendOptions(threads=options.threads, spin=False))
+        backend_options = BackendOptions(threads=options.threads, spin=False, providers=options.providers)
+        backend, package = create_backend(folder, options.backend, backend_options)
         label = f"{package.role} {package.precision}{' u8' if package.input.dtype == 'uint8' else ''} ({folder.name})"
         entries.append(Entry(label, role, folder, backend, package))
     shapes = {(e.package.input.channels, e.package.input.size) for e in entries}

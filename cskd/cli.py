@@ -7,10 +7,10 @@ import sys
 from typing import List, Optional
 
 from cskd import __version__
-from cskd.commands import bench, cache_teacher, evaluate, export, predict, serve, train
+from cskd.commands import bench, cache_teacher, evaluate, export, gpu_check, predict, serve, train
 from cskd.errors import CSKDError
 
-COMMANDS = (train, cache_teacher, evaluate, export, predict, serve, bench)
+COMMANDS = (train, cache_teacher, evaluate, export, predict, serve, bench, gpu_check)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ CONF
 export CONTAINERS_CONF="$work/containers.conf"
 
 docker-compose -f docker/compose.yaml config -q
-docker-compose -f docker/compose.yaml --profile gpu --profile train --profile monitoring config -q
+docker-compose -f docker/compose.yaml --profile gpu --profile train --profile monitoring --profile triton config -q
 stamp "compose files valid"
 
 base=localhost/cskd-base:bookworm

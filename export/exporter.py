@@ -22,7 +22,7 @@ from cskd import __version__
 from cskd.checkpoint import resolve_checkpoint
 from cskd.errors import CSKDError
 from cskd.evaluate import ModelInput, real_images
-from cskd.export.formats import BuildContext, BuiltEngine, ExportFormat, check_export_args
+from cskd.export.formats import BuildContext, BuiltEngine, check_export_args
 from cskd.export.onnx_export import metadata_for
 from cskd.export.parity import DEFAULT_THRESHOLDS, ParityReport, compare
 from cskd.files import file_sha256
@@ -36,7 +36,8 @@ from cskd.tasks import Trained, load_trained
 
 @dataclass
 class ExportOptions:
-    format: str = "onnx"  # onnx | trt
+    format: str = "onnx"  # onnx | trt | triton
+    engine: Optional[str] = None  # --format triton: the engine in the repository, onnx (default) or trt
     precision: str = "fp32"  # fp32 | fp16 | int8
     input_kind: str = "float"  # float (client normalises) | uint8 (raw pixels, normalised in the graph)
     max_batch: int = 32  # the TensorRT optimisation profile's largest batch
@@ -73,7 +74,7 @@ def export_model(source: Path, options: ExportOptions, log: Callable[[str], None
     fmt = check_export_args(options.format, options.precision, options.input_kind)  # check
     if options.max_batch < 1:
         raise CSKDError(f"--max-batch must be at least 1, got {options.max_batch}")
-    fmt.preflight()  # e.g. TensorRT and a CUDA GPU, before any work
+    fmt.preflight(options.engine)  # e.g. TensorRT and a CUDA GPU, before any work
     trained = load_trained(resolve_source(Path(source), options.teacher))
     spec, out = trained.spec, Path(options.out) if options.out else default_out(Path(source), options)
     log(f"exporting {spec.role} {spec.model} from {trained.path} as {fmt.name}/{options.precision} ({options.input_kind} input)")
@@ -85,14 +86,16 @@ def export_model(source: Path, options: ExportOptions, log: Callable[[str], None
         reference = run_batched(lambda x: _logits(module(torch.from_numpy(x))).numpy(), feed(images), 64)
     with staged_folder(out, options.force) as stage:
         built = fmt.build(_build_context(stage, module, trained, options, feed(images[:2]), feed, out.parent, log))  # build
-        package = _package(trained, options, fmt, built)
-        write_package_json(stage, package)
-        report = _parity(stage, package, feed(images), reference, labels, options)  # parity
+        folder = stage / built.package_dir
+        package = _package(trained, options, built)
+        write_package_json(folder, package)
+        report = _parity(folder, package, feed(images), reference, labels, options)  # parity
         log(format_parity(report))
         _gate(package, report, options, log)
-        write_package_json(stage, package)  # write: the staged folder replaces `out` on leaving
-    log(f"wrote {out} ({package.engine}, model.json)")
-    return out, package
+        write_package_json(folder, package)  # write: the staged folder replaces `out` on leaving
+        fmt.finish(folder, package, options.max_batch)
+    log(f"wrote {out / built.package_dir} ({package.engine}, model.json)")
+    return out / built.package_dir, package
 
 
 def _build_context(stage: Path, module: DeployModule, trained: Trained, options: ExportOptions, example: np.ndarray,
@@ -108,16 +111,22 @@ def _build_context(stage: Path, module: DeployModule, trained: Trained, options:
         "precision": options.precision, "input": options.input_kind, "version": __version__, "fused": bool(trained.heads),
         "heads": list(trained.heads)})
     return BuildContext(stage, module, torch.from_numpy(example), output_names(options.probabilities), options.precision,
-                        metadata, calibration, spec.in_chans, spec.img_size, options.max_batch, cache_dir, log)
+                        metadata, calibration, spec.in_chans, spec.img_size, options.max_batch, cache_dir, log,
+                        name=package_name(spec), engine=options.engine)
 
 
-def _package(trained: Trained, options: ExportOptions, fmt: ExportFormat, built: BuiltEngine) -> ModelPackage:
+def package_name(spec) -> str:
+    """The model's name in its package (and a Triton repository's model folder)."""
+    return f"{spec.role}-{spec.model}"
+
+
+def _package(trained: Trained, options: ExportOptions, built: BuiltEngine) -> ModelPackage:
     spec = trained.spec
     run = RunDir.of_checkpoint(trained.path)
     data = run.data_config() if run is not None else None  # serve images as the run validated them
     return ModelPackage(
-        name=f"{spec.role}-{spec.model}", role=spec.role, architecture=spec.model, engine=built.engine,
-        engine_format=fmt.name, precision=options.precision, fused=bool(trained.heads),
+        name=package_name(spec), role=spec.role, architecture=spec.model, engine=built.engine,
+        engine_format=built.engine_format, precision=options.precision, fused=bool(trained.heads),
         input=InputSpec("input", "uint8" if options.input_kind == "uint8" else "float32", "NCHW", spec.in_chans,
                         spec.img_size, list(spec.mean), list(spec.std), data.interpolation if data else "bicubic",
                         data.eval_crop_pct if data else 1.0),

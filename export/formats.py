@@ -4,7 +4,7 @@ function and the files it writes into the package."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -14,6 +14,9 @@ import torch
 from cskd.errors import CSKDError, did_you_mean
 from cskd.export import onnx_export, tensorrt
 from cskd.export.quantize import quantize_int8
+from cskd.files import atomic_write_text
+from cskd.runtime.package import ModelPackage
+from cskd.runtime.triton import model_config, to_pbtxt
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INPUT_KINDS = ("float", "uint8")
@@ -36,6 +39,8 @@ class BuildContext:
     max_batch: int
     cache_dir: Path  # long-lived caches (TensorRT timing cache)
     log: Callable[[str], None] = print
+    name: str = "model"  # the package's model name (a Triton repository's model folder)
+    engine: Optional[str] = None  # --format triton: the engine inside, onnx (default) or trt
 
 
 @dataclass
@@ -46,6 +51,8 @@ class BuiltEngine:
     files: Dict[str, str] = field(default_factory=dict)
     engine_max_batch: Optional[int] = None  # None: any batch size
     build: Dict[str, Any] = field(default_factory=dict)
+    package_dir: str = ""  # where model.json goes, relative to the output folder
+    engine_format: str = "onnx"  # what runs the engine: onnx (onnxruntime) or trt (TensorRT)
 
 
 def build_onnx(ctx: BuildContext) -> BuiltEngine:
@@ -77,10 +84,46 @@ def build_trt(ctx: BuildContext) -> BuiltEngine:
     ctx.log("building the TensorRT engine (minutes on a first build; the timing cache speeds up the next)")
     facts = tensorrt.build_engine(ctx.stage / ONNX_FILE, ctx.stage / ENGINE_FILE, ctx.precision, ctx.max_batch,
                                   ctx.channels, ctx.size, cache_dir=ctx.cache_dir)
-    return BuiltEngine(ENGINE_FILE, {"onnx": ONNX_FILE}, ctx.max_batch, {**onnx_built.build, "tensorrt": facts})
+    return BuiltEngine(ENGINE_FILE, {"onnx": ONNX_FILE}, ctx.max_batch, {**onnx_built.build, "tensorrt": facts},
+                       engine_format="trt")
 
 
-def _no_preflight() -> None:
+TRITON_ENGINES = {"onnx": build_onnx, "trt": build_trt}
+TRITON_VERSION = "1"
+
+
+def build_triton(ctx: BuildContext) -> BuiltEngine:
+    """A Triton model repository: ``NAME/config.pbtxt`` and the engine in ``NAME/1/`` (model.json in
+    ``NAME/``, so ``cskd serve OUT/NAME`` serves the same folder)."""
+    engine = ctx.engine or "onnx"
+    version_dir = ctx.stage / ctx.name / TRITON_VERSION
+    version_dir.mkdir(parents=True)
+    built = TRITON_ENGINES[engine](replace(ctx, stage=version_dir))
+    prefix = f"{TRITON_VERSION}/"
+    return replace(built, engine=prefix + built.engine, files={k: prefix + v for k, v in built.files.items()},
+                   package_dir=ctx.name)
+
+
+def write_triton_config(model_dir: Path, package: ModelPackage, max_batch: int) -> None:
+    """``config.pbtxt`` beside the version folder: platform, batching and tensors of the engine."""
+    atomic_write_text(model_dir / "config.pbtxt", to_pbtxt(model_config(package, model_dir.name, max_batch)))
+
+
+def _no_preflight(engine: Optional[str]) -> None:
+    return None
+
+
+def _trt_preflight(engine: Optional[str]) -> Any:
+    return tensorrt.preflight()
+
+
+def _triton_preflight(engine: Optional[str]) -> Any:
+    if (engine or "onnx") not in TRITON_ENGINES:
+        raise CSKDError(f"--engine {engine} is not one of {', '.join(TRITON_ENGINES)} for --format triton")
+    return tensorrt.preflight() if engine == "trt" else None
+
+
+def _no_finish(model_dir: Path, package: ModelPackage, max_batch: int) -> None:
     return None
 
 
@@ -90,12 +133,15 @@ class ExportFormat:
     description: str
     precisions: Tuple[str, ...]
     build: Callable[[BuildContext], BuiltEngine]
-    preflight: Callable[[], Any] = _no_preflight  # raises CSKDError when the format cannot run here
+    preflight: Callable[[Optional[str]], Any] = _no_preflight  # raises CSKDError when the format cannot run here
+    finish: Callable[[Path, ModelPackage, int], None] = _no_finish  # writes what needs the finished package
 
 
 FORMATS = {
     "onnx": ExportFormat("onnx", "ONNX for onnxruntime (CPU or GPU)", PRECISIONS, build_onnx),
-    "trt": ExportFormat("trt", "TensorRT engine (NVIDIA GPU)", PRECISIONS, build_trt, tensorrt.preflight),
+    "trt": ExportFormat("trt", "TensorRT engine (NVIDIA GPU)", PRECISIONS, build_trt, _trt_preflight),
+    "triton": ExportFormat("triton", "Triton Inference Server model repository (ONNX or TensorRT inside)", PRECISIONS,
+                           build_triton, _triton_preflight, write_triton_config),
 }
 
 

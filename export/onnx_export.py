@@ -77,16 +77,69 @@ def last_gemm(model) -> Optional[str]:
     return names[-1] if names else None
 
 
+FP32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf"]
+
+
 def convert_fp16(src: Path, dst: Path) -> None:
+    """fp16 weights and activations, with normalisation, softmax and the head kept in fp32.
+
+    The result is a *typed* graph (Cast nodes mark every precision change), which is also what a
+    strongly typed TensorRT network builds from.
+    """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))
     keep = [name for name in [last_gemm(model)] if name]
-    converted = convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf"],
-        node_block_list=keep,
-    )
-    onnx.save(converted, str(dst))
+    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=keep)
+    onnx.save(drop_cast_round_trips(converted), str(dst))
+
+
+def drop_cast_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace ``Cast(fp32) <- Cast(fp16) <- fp32 value`` by an Identity, and sort the nodes.
+
+    The converter inserts such pairs after fp32 nodes (the head) that feed fp32 graph outputs, which
+    rounds the logits through fp16; and it appends its input casts after the nodes that read them,
+    which ONNX forbids and TensorRT's parser refuses.
+    """
+    model = topologically_sorted(model)
+    typed = onnx.shape_inference.infer_shapes(model)
+    elem_type = {v.name: v.type.tensor_type.elem_type for v in list(typed.graph.value_info) + list(typed.graph.input)
+                 + list(typed.graph.output)}
+    elem_type.update({t.name: t.data_type for t in model.graph.initializer})
+    producer = {out: n for n in model.graph.node for out in n.output}
+
+    def cast_to(node, dtype: int) -> bool:
+        return node is not None and node.op_type == "Cast" and any(a.name == "to" and a.i == dtype for a in node.attribute)
+
+    for index, node in enumerate(list(model.graph.node)):
+        first = producer.get(node.input[0]) if node.op_type == "Cast" else None
+        if cast_to(node, onnx.TensorProto.FLOAT) and cast_to(first, onnx.TensorProto.FLOAT16) \
+                and elem_type.get(first.input[0]) == onnx.TensorProto.FLOAT:
+            identity = onnx.helper.make_node("Identity", [first.input[0]], list(node.output), name=node.name + "_fp32")
+            model.graph.node.remove(node)
+            model.graph.node.insert(index, identity)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    for node in [n for n in model.graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]:
+        model.graph.node.remove(node)  # the fp16 casts nothing reads any more
+    return model
+
+
+def topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph's nodes in an order where every input is produced before it is read (stable)."""
+    nodes = list(model.graph.node)
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    ordered, pending = [], nodes
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError(f"the graph has a cycle or an undefined input near node {pending[0].name!r}")
+        for n in ready:
+            available.update(n.output)
+        ordered += ready
+        pending = [n for n in pending if n not in ready]
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return model
 
 
 def metadata_for(spec_json: str, extra: Dict[str, object]) -> Dict[str, str]:

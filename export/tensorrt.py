@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import Any, Dict, Optional
 
 from cskd.errors import CSKDError
 from cskd.files import atomic_write
-from cskd.runtime.tensorrt import device_facts, require_cuda, require_tensorrt
-
-if TYPE_CHECKING:  # the checker sees TensorRT's types; at run time the module is imported lazily
-    import tensorrt as trt
+from cskd.runtime.tensorrt import device_facts, require_cuda, require_tensorrt, trt
 
 
 def preflight() -> Dict[str, Any]:
@@ -36,11 +33,11 @@ def preflight() -> Dict[str, Any]:
     return device_facts()
 
 
-def network_flags(trt_module: Any) -> int:
+def network_flags(version: str) -> int:
     """Strongly typed on every version: an opt-in flag on 10.x, the only mode (flag deprecated) on 11."""
-    if int(trt_module.__version__.split(".")[0]) >= 11:
+    if int(version.split(".")[0]) >= 11:
         return 0
-    return 1 << int(trt_module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 def timing_cache_path(folder: Path, facts: Dict[str, Any]) -> Path:
@@ -49,7 +46,7 @@ def timing_cache_path(folder: Path, facts: Dict[str, Any]) -> Path:
     return folder / f"timing-{facts['tensorrt']}-{gpu}-sm{facts['compute_capability']}.cache"
 
 
-def _attach_timing_cache(config: "trt.IBuilderConfig", cache_file: Optional[Path]) -> None:
+def _attach_timing_cache(config: trt.IBuilderConfig, cache_file: Optional[Path]) -> None:
     blob = cache_file.read_bytes() if cache_file is not None and cache_file.is_file() else b""
     cache = config.create_timing_cache(blob)
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
@@ -61,12 +58,11 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, max_batch: 
                  cache_dir: Optional[Path] = None, workspace_gib: float = 4.0) -> Dict[str, Any]:
     """Parse ``onnx_path`` and serialise a TensorRT engine to ``engine_path``; returns the build facts
     (TensorRT version, GPU, compute capability) the engine is bound to."""
-    trt_module = require_tensorrt()
     facts = preflight()
-    logger = trt_module.Logger(trt_module.Logger.WARNING)
-    builder = trt_module.Builder(logger)
-    network = builder.create_network(network_flags(trt_module))
-    parser = trt_module.OnnxParser(network, logger)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt.__version__))
+    parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CSKDError(f"TensorRT cannot parse {onnx_path}: {errors}")
@@ -74,11 +70,11 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, max_batch: 
     if len(inputs) != 1:
         raise CSKDError(f"{onnx_path} has {len(inputs)} inputs; a cskd graph has one")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt_module.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if precision == "fp32":
-        config.clear_flag(trt_module.BuilderFlag.TF32)  # exact fp32 maths: the fp32 gate allows 1e-4
+        config.clear_flag(trt.BuilderFlag.TF32)  # exact fp32 maths: the fp32 gate allows 1e-4
     profile = builder.create_optimization_profile()
-    shape = lambda n: (n, channels, size, size)  # noqa: E731
+    shape = lambda n: trt.Dims([n, channels, size, size])  # noqa: E731
     profile.set_shape(inputs[0].name, shape(1), shape(max(1, max_batch // 2)), shape(max_batch))
     config.add_optimization_profile(profile)
     cache_file = timing_cache_path(cache_dir, facts) if cache_dir is not None else None
@@ -86,8 +82,13 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, max_batch: 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise CSKDError(f"TensorRT failed to build an engine from {onnx_path}; see the messages above")
-    atomic_write(engine_path, lambda tmp: Path(tmp).write_bytes(bytes(serialized)))
+    atomic_write(engine_path, lambda tmp: Path(tmp).write_bytes(host_bytes(serialized)))
     if cache_file is not None:
-        timing = bytes(config.get_timing_cache().serialize())
+        timing = host_bytes(config.get_timing_cache().serialize())
         atomic_write(cache_file, lambda tmp: Path(tmp).write_bytes(timing))
     return facts
+
+
+def host_bytes(memory: trt.IHostMemory) -> bytes:
+    """The bytes of a TensorRT host buffer (a serialised engine or timing cache)."""
+    return bytes(memory)  # type: ignore[call-overload]  # pybind11 exposes the buffer protocol; the stubs do not

@@ -11,15 +11,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 
 from cskd import __version__
 from cskd.runtime.backends import BackendOptions, create_backend
 from cskd.serve.batcher import DynamicBatcher
-from cskd.serve.errors import APIError, error_body, install_handlers
+from cskd.serve.errors import APIError, error_response, install_handlers
 from cskd.serve.metrics import create_metrics
 from cskd.serve.routers import health, kserve, model, predict
 from cskd.serve.settings import ServeSettings
@@ -32,7 +31,7 @@ def _lifespan(serving: Serving):
         settings = serving.settings
         # No spinning: idle onnxruntime threads would otherwise burn the cores the event loop,
         # the decoders and the next batch need.
-        options = BackendOptions(threads=settings.threads, spin=False)
+        options = BackendOptions(threads=settings.threads, spin=False, providers=settings.providers)
         backend, package = await run_in_threadpool(create_backend, settings.model_dir, settings.backend, options)
         spec, max_batch = package.input, package.batch_limit(settings.max_batch)
         warm = np.zeros((max_batch, spec.channels, spec.size, spec.size), dtype=np.uint8 if spec.dtype == "uint8" else np.float32)
@@ -44,7 +43,7 @@ def _lifespan(serving: Serving):
             on_queue=metrics.queue_depth.set,
         )
         serving.batcher.start()
-        serving.package, serving.backend_name, serving.ready = package, backend.name, True
+        serving.package, serving.backend_name, serving.max_batch, serving.ready = package, backend.name, max_batch, True
         try:
             yield
         finally:
@@ -65,8 +64,8 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            response = JSONResponse(error_body("too_large", f"request body of {int(declared)} bytes exceeds the limit "
-                                                            f"of {self.limit} bytes"), status_code=413)
+            response = error_response(413, "too_large", f"request body of {int(declared)} bytes exceeds the limit of "
+                                                        f"{self.limit} bytes", scope.get("path", ""))
             return await response(scope, receive, send)
         seen = 0
 
@@ -81,8 +80,38 @@ class BodyLimitMiddleware:
         return await self.app(scope, counted_receive, send)
 
 
+class MetricsMiddleware:
+    """Requests by route and status, and their latency (plain ASGI: no per-request task or stream wrapping)."""
+
+    def __init__(self, app, metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def recorded_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recorded_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, scope["method"], str(status[0])).inc()
+            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - start)
+
+
 def create_app(model_dir: str = "", **settings: Any) -> FastAPI:
-    """The inference service for one model package; ``settings`` are :class:`ServeSettings` fields."""
+    """The inference service for one model package; ``settings`` are :class:`ServeSettings` fields.
+
+    Example::
+
+        app = create_app("runs/demo/export-onnx-fp32", max_batch=16)
+        uvicorn.run(app)
+    """
     config = ServeSettings(model_dir=str(model_dir) if model_dir else ServeSettings().model_dir, **settings)
     serving = Serving(settings=config, metrics=create_metrics())
     app = FastAPI(title="cskd inference", version=__version__, lifespan=_lifespan(serving),
@@ -93,17 +122,7 @@ def create_app(model_dir: str = "", **settings: Any) -> FastAPI:
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-
-    @app.middleware("http")
-    async def record(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        serving.metrics.requests.labels(path, request.method, str(response.status_code)).inc()
-        serving.metrics.request_seconds.labels(path).observe(time.perf_counter() - start)
-        return response
-
+    app.add_middleware(MetricsMiddleware, metrics=serving.metrics)
     for router in (health.router, predict.router, model.router, kserve.router, kserve.models):
         app.include_router(router)
     return app

@@ -1,8 +1,10 @@
 """Dynamic batching: concurrent requests share one inference call.
 
-Each request submits its rows (images) and awaits a future. One collector task takes the first
-waiting request, keeps taking more until ``max_batch`` rows or ``max_wait_ms`` have passed, runs
-the backend in a worker thread (off the event loop), and hands every request its own rows back.
+Each request submits its work (encoded images, or engine-ready rows) and awaits a future. One
+collector task takes the first waiting request, keeps taking more until ``max_batch`` rows or
+``max_wait_ms`` have passed, then makes ONE trip to a worker thread that prepares every request's
+rows (decoding images off the event loop, a bad image failing only its own request), runs the
+backend and hands every request its own logits back.
 The queue is bounded in rows: a full queue refuses at once (the caller answers 503 with
 Retry-After) instead of letting latency grow without bound, and a request still queued past its
 deadline is dropped. ``close`` stops intake and drains what was accepted.
@@ -14,7 +16,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, List, Optional
+from typing import Any, Callable, Deque, List, Optional, Union
 
 import numpy as np
 
@@ -27,9 +29,14 @@ class DeadlineExceeded(Exception):
     """The request waited in the queue past its deadline and was dropped."""
 
 
+Prepare = Callable[[Any], np.ndarray]  # a request's payload -> its engine-ready rows (runs in the worker)
+
+
 @dataclass
 class _Pending:
-    rows: np.ndarray
+    payload: Any
+    count: int  # rows the payload becomes
+    prepare: Optional[Prepare]  # None: the payload already is the rows
     future: asyncio.Future
     deadline: float
     enqueued: float = field(default_factory=time.perf_counter)
@@ -57,15 +64,18 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, rows: np.ndarray, timeout_s: float) -> np.ndarray:
-        """Queue ``rows`` (one request's images) and wait for their logits."""
+    async def submit(self, payload: Union[np.ndarray, Any], timeout_s: float, count: Optional[int] = None,
+                     prepare: Optional[Prepare] = None) -> np.ndarray:
+        """Queue one request's work and wait for its logits: engine-ready ``rows``, or a payload of
+        ``count`` images that ``prepare`` turns into rows in the worker thread (its errors are raised here)."""
+        count = len(payload) if count is None else count
         if self._closing:
             raise QueueFull("the server is shutting down")
-        if self._rows_queued + len(rows) > self.max_queue:
+        if self._rows_queued + count > self.max_queue:
             raise QueueFull(f"{self._rows_queued} images are queued (limit {self.max_queue})")
-        pending = _Pending(rows, asyncio.get_running_loop().create_future(), time.perf_counter() + timeout_s)
+        pending = _Pending(payload, count, prepare, asyncio.get_running_loop().create_future(), time.perf_counter() + timeout_s)
         self._queue.append(pending)
-        self._rows_queued += len(rows)
+        self._rows_queued += count
         self.on_queue(self._rows_queued)
         self._wakeup.set()
         return await pending.future
@@ -85,15 +95,15 @@ class DynamicBatcher:
             head = self._queue[0]
             if head.future.cancelled() or now > head.deadline:
                 self._queue.popleft()
-                self._rows_queued -= len(head.rows)
+                self._rows_queued -= head.count
                 if not head.future.done():
                     head.future.set_exception(DeadlineExceeded(f"dropped after {now - head.enqueued:.1f} s in the queue"))
                 continue
-            if rows and rows + len(head.rows) > self.max_batch:
+            if rows and rows + head.count > self.max_batch:
                 break
             batch.append(self._queue.popleft())
-            self._rows_queued -= len(head.rows)
-            rows += len(head.rows)
+            self._rows_queued -= head.count
+            rows += head.count
         self.on_queue(self._rows_queued)
         return rows
 
@@ -119,26 +129,43 @@ class DynamicBatcher:
                 await self._execute(batch)
 
     async def _execute(self, batch: List[_Pending]) -> None:
-        inputs = np.concatenate([p.rows for p in batch])
         try:
-            outputs = await asyncio.to_thread(self._infer_chunks, inputs)
+            results = await asyncio.to_thread(self._work, batch)
         except Exception as exc:  # the backend failed: every caller in the batch gets the error
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-            return
-        offset = 0
-        for p in batch:
-            if not p.future.done():
-                p.future.set_result(outputs[offset : offset + len(p.rows)])
-            offset += len(p.rows)
+            results = [exc] * len(batch)
+        for pending, result in zip(batch, results):
+            if pending.future.done():
+                continue
+            if isinstance(result, Exception):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
 
-    def _infer_chunks(self, inputs: np.ndarray) -> np.ndarray:
-        """Runs in the worker thread. One request may carry more than max_batch images: slice it."""
+    def _work(self, batch: List[_Pending]) -> List[Union[np.ndarray, Exception]]:
+        """Runs in the worker thread: prepare every request's rows, infer once (in slices of at
+        most ``max_batch``: one request may carry more), split the logits back per request."""
+        prepared: List[Union[np.ndarray, Exception]] = []
+        for pending in batch:
+            try:
+                prepared.append(pending.prepare(pending.payload) if pending.prepare else pending.payload)
+            except Exception as exc:  # this request's input is bad; the others still run
+                prepared.append(exc)
+        good = [rows for rows in prepared if not isinstance(rows, Exception)]
+        if not good:
+            return prepared
+        inputs = np.concatenate(good) if len(good) > 1 else good[0]
         outputs = []
         for i in range(0, len(inputs), self.max_batch):
             chunk = inputs[i : i + self.max_batch]
             start = time.perf_counter()
             outputs.append(self.infer(chunk))
             self.on_batch(len(chunk), time.perf_counter() - start)
-        return np.concatenate(outputs)
+        logits = np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+        results, offset = [], 0
+        for rows in prepared:
+            if isinstance(rows, Exception):
+                results.append(rows)
+            else:
+                results.append(logits[offset : offset + len(rows)])
+                offset += len(rows)
+        return results

@@ -17,6 +17,8 @@ class ServeSettings(BaseSettings):
     port: int = 8000
     workers: int = 1  # server processes (each loads the model)
     threads: Optional[int] = None  # onnxruntime intra-op threads per process
+    providers: Optional[List[str]] = Field(None, description="onnxruntime execution providers in order, e.g. "
+                                           "CUDAExecutionProvider,CPUExecutionProvider (default: CUDA when available, else CPU)")
     max_batch: int = Field(32, ge=1, description="most images one inference runs together")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill after its first image")
     max_queue: int = Field(256, ge=1, description="images waiting at most; beyond, 503 with Retry-After")

@@ -9,11 +9,10 @@ from typing import List, Optional
 
 import numpy as np
 from fastapi import Request
-from fastapi.concurrency import run_in_threadpool
 
 from cskd.runtime.package import ModelPackage
 from cskd.runtime.preprocess import ImageDecodeError, decode_image, to_engine_input
-from cskd.serve.batcher import DeadlineExceeded, DynamicBatcher, QueueFull
+from cskd.serve.batcher import DeadlineExceeded, DynamicBatcher, Prepare, QueueFull
 from cskd.serve.errors import APIError, bad_image, overloaded
 from cskd.serve.metrics import ServeMetrics
 from cskd.serve.settings import ServeSettings
@@ -26,37 +25,46 @@ class Serving:
     package: Optional[ModelPackage] = None
     batcher: Optional[DynamicBatcher] = None
     backend_name: str = ""
+    max_batch: int = 0  # the effective batch limit (settings, capped by the engine's own)
     ready: bool = False
 
     @property
     def model_name(self) -> str:
         return self.package.name if self.package else ""
 
-    async def decode(self, data: bytes) -> np.ndarray:
-        """Bytes -> uint8 [C, H, W] in a worker thread (decoding is CPU work)."""
+    def engine_rows(self, images: List[bytes]) -> np.ndarray:
+        """Encoded images -> engine input (runs in the batcher's worker thread, never on the event loop)."""
         spec = self.package.input
-        try:
-            return await run_in_threadpool(decode_image, data, spec.channels, spec.size, spec.resize, self.settings.max_pixels,
-                                           spec.crop_pct)
-        except ImageDecodeError as exc:
-            self.metrics.rejected.labels("bad_image").inc()
-            raise bad_image(str(exc)) from None
+        decoded = []
+        for i, data in enumerate(images):
+            try:
+                decoded.append(decode_image(data, spec.channels, spec.size, spec.resize, self.settings.max_pixels, spec.crop_pct))
+            except ImageDecodeError as exc:
+                raise bad_image(f"image {i}: {exc}" if len(images) > 1 else str(exc)) from None
+        return to_engine_input(np.stack(decoded), spec.dtype, spec.mean, spec.std)
 
-    def engine_input(self, images: List[np.ndarray]) -> np.ndarray:
-        spec = self.package.input
-        return to_engine_input(np.stack(images), spec.dtype, spec.mean, spec.std)
+    async def classify(self, images: List[bytes]) -> np.ndarray:
+        """Logits for encoded images: decoded and run with other requests' images in one batch."""
+        return await self._submit(images, len(images), self.engine_rows)
 
-    async def infer(self, batch: np.ndarray) -> np.ndarray:
+    async def infer(self, rows: np.ndarray) -> np.ndarray:
         """Logits for engine-ready rows, through the dynamic batcher."""
+        return await self._submit(rows, len(rows), None)
+
+    async def _submit(self, payload, count: int, prepare: Optional[Prepare]) -> np.ndarray:
         try:
-            logits = await self.batcher.submit(batch, self.settings.request_timeout_s)
+            logits = await self.batcher.submit(payload, self.settings.request_timeout_s, count, prepare)
         except QueueFull as exc:
-            self.metrics.rejected.labels("queue_full").inc(len(batch))
+            self.metrics.rejected.labels("queue_full").inc(count)
             raise overloaded(f"server overloaded: {exc}; retry shortly") from None
         except DeadlineExceeded as exc:
-            self.metrics.rejected.labels("deadline").inc(len(batch))
+            self.metrics.rejected.labels("deadline").inc(count)
             raise overloaded(f"request timed out in the queue ({exc}); retry shortly") from None
-        self.metrics.images.inc(len(batch))
+        except APIError as exc:
+            if exc.code == "bad_image":
+                self.metrics.rejected.labels("bad_image").inc(count)
+            raise
+        self.metrics.images.inc(count)
         return logits
 
 

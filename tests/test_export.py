@@ -168,3 +168,42 @@ def test_existing_package_needs_force(trained_run, fp32_package):
     out, _ = fp32_package
     with pytest.raises(CSKDError, match="pass --force"):
         export(trained_run, out)
+
+
+@pytest.mark.parametrize("input_kind, probabilities", [("float", False), ("uint8", True)])
+def test_triton_repository_config_matches_the_onnx_graph(trained_run, tmp_path, input_kind, probabilities):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    model_dir, package = export(trained_run, tmp_path / "repo", format="triton", input_kind=input_kind,
+                                probabilities=probabilities, max_batch=16)
+    assert model_dir.parent == tmp_path / "repo" and model_dir.name == package.name
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())  # Triton's own schema
+    assert config.name == model_dir.name and config.platform == "onnxruntime_onnx" and config.max_batch_size == 16
+    engine = model_dir / "1" / config.default_model_filename
+    graph = onnx.load(str(engine)).graph
+    onnx_types = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.UINT8: "TYPE_UINT8"}
+
+    def described(value_info):  # name, Triton type, dims without the batch axis
+        tensor = value_info.type.tensor_type
+        return value_info.name, onnx_types[tensor.elem_type], [d.dim_value for d in tensor.shape.dim][1:]
+
+    assert [described(v) for v in graph.input] == [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in config.input]
+    assert [described(v) for v in graph.output] == [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in config.output]
+    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim][0] == "batch"  # dynamic: Triton batches it
+    assert config.HasField("dynamic_batching") and config.instance_group[0].count == 1
+    assert read_package(model_dir).engine == "1/model.onnx" and package.gate["passed"]
+
+
+def test_fp16_graph_keeps_the_head_and_logits_in_fp32(trained_run, tmp_path):
+    out, _ = export(trained_run, tmp_path / "fp16", precision="fp16", probabilities=True)
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model)  # topologically sorted, as TensorRT's parser needs
+    producer = {o: n for n in model.graph.node for o in n.output}
+    head = producer[producer["logits"].input[0]] if producer["logits"].op_type == "Identity" else producer["logits"]
+    assert head.op_type == "Gemm"  # logits come straight from the fp32 head, not through an fp16 Cast
+    assert not any(n.op_type == "Cast" and n.output[0] in ("logits", "probabilities") for n in model.graph.node)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    images, _ = val_images(8)
+    logits = session.run(["logits"], {"input": to_engine_input(images, "float32", [0.286], [0.353])})[0]
+    assert (logits.astype(np.float16).astype(np.float32) != logits).any()  # not rounded through fp16

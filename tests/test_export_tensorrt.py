@@ -1,4 +1,4 @@
-"""TensorRT export: builds and passes the parity gate where TensorRT and a GPU exist; else a clear error."""
+"""TensorRT export: builds every precision behind the parity gate where TensorRT and a GPU exist; else a clear error."""
 
 from __future__ import annotations
 
@@ -28,11 +28,21 @@ def test_trt_export_without_tensorrt_says_how_to_get_it(trained_run, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not tensorrt_available(), reason="needs TensorRT and a CUDA GPU")
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_trt_engine_passes_the_parity_gate(trained_run, tmp_path, precision):
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_trt_engine_passes_the_parity_gate_and_records_where_it_runs(trained_run, tmp_path, precision):
+    import json
+
     from cskd.export.exporter import ExportOptions, export_model
+    from cskd.runtime.backends import create_backend
 
     out, package = export_model(trained_run, ExportOptions(format="trt", precision=precision, out=tmp_path / precision,
                                                            max_batch=16, parity_images=200), log=print)
     assert (out / "model.engine").is_file() and package.parity["backend"] == "tensorrt"
-    assert package.gate["passed"]
+    assert package.gate["passed"] and package.engine_max_batch == 16
+    facts = package.build["tensorrt"]
+    assert facts["tensorrt"] and facts["gpu"] and facts["compute_capability"]
+    data = json.loads((out / "model.json").read_text())
+    data["build"]["tensorrt"]["tensorrt"] = "0.0.0"  # as if built by another TensorRT
+    (out / "model.json").write_text(json.dumps(data))
+    with pytest.raises(Exception, match="re-export it on this machine"):
+        create_backend(out)

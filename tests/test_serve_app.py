@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -83,7 +84,10 @@ def test_concurrent_requests_are_batched(package_dir):
         with ThreadPoolExecutor(16) as pool:
             responses = list(pool.map(lambda _: c.post("/predict", files={"files": ("x.png", image, "image/png")}), range(32)))
         assert all(r.status_code == 200 for r in responses)
-        assert len({str(r.json()["predictions"]) for r in responses}) == 1  # each caller got its own (same) row
+        # each caller got its own (same) row; scores may differ in the last float bits between batch sizes
+        tops = [r.json()["predictions"][0]["top"] for r in responses]
+        assert all([t["index"] for t in top] == [t["index"] for t in tops[0]] for top in tops)
+        assert np.allclose([[t["score"] for t in top] for top in tops], [t["score"] for t in tops[0]], atol=1e-5)
         text = c.get("/metrics").text
         calls = metric_value(text, "cskd_batch_size_images_count")
         images = metric_value(text, "cskd_batch_size_images_sum")
@@ -134,6 +138,47 @@ def test_kserve_v2_round_trip(client, package_dir):
     assert np.allclose(np.array(out["probabilities"]["data"]).reshape(3, 10).sum(1), 1.0, atol=1e-5)
 
 
+def test_raw_image_body_equals_multipart(client):
+    image = png_bytes(3, size=(40, 30))  # not square: resized and centre-cropped like the eval transform
+    raw = client.post("/predict?top_k=4", content=image, headers={"content-type": "image/png"})
+    multipart = client.post("/predict?top_k=4", files={"files": ("x.png", image, "image/png")})
+    assert raw.status_code == 200 and raw.json() == multipart.json()
+
+
+def test_v2_binary_tensors_in_and_out(client, package_dir):
+    name = client.get("/v1/model").json()["name"]
+    x = np.random.default_rng(1).standard_normal((2, 1, 32, 32)).astype(np.float32)
+    header = json.dumps({"inputs": [{"name": "input", "shape": [2, 1, 32, 32], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}, {"name": "logits"}]}).encode()
+    response = client.post(f"/v2/models/{name}/versions/1/infer", content=header + x.tobytes(),
+                           headers={"Inference-Header-Content-Length": str(len(header))})  # no content type, like tritonclient
+    assert response.status_code == 200, response.text
+    length = int(response.headers["inference-header-content-length"])
+    meta = json.loads(response.content[:length])
+    probabilities = np.frombuffer(response.content[length:], dtype="<f4").reshape(2, 10)
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities", "logits"]
+    assert meta["outputs"][0]["parameters"] == {"binary_data_size": 80} and "data" in meta["outputs"][1]
+    logits = np.array(meta["outputs"][1]["data"], dtype=np.float32).reshape(2, 10)
+    import onnxruntime as ort
+
+    direct = ort.InferenceSession(str(package_dir / "model.optimized.onnx")).run(["logits"], {"input": x})[0]
+    assert np.allclose(logits, direct, atol=1e-5)
+    assert np.allclose(probabilities, np.exp(direct) / np.exp(direct).sum(1, keepdims=True), atol=1e-6)
+
+
+def test_v2_server_metadata_and_triton_model_config(client):
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+
+    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data", "model_configuration"]
+    name = client.get("/v1/model").json()["name"]
+    config = client.get(f"/v2/models/{name}/config").json()
+    parsed = json_format.ParseDict(config, model_config_pb2.ModelConfig())  # Triton's own schema accepts it
+    assert parsed.name == name and parsed.platform == "onnxruntime_onnx" and list(parsed.input[0].dims) == [1, 32, 32]
+    assert parsed.max_batch_size == client.get("/v1/model").json()["max_batch"]
+
+
 def test_api_key_guards_everything_but_health(package_dir):
     with TestClient(create_app(package_dir, api_key="s3cret")) as c:
         image = {"files": ("x.png", png_bytes(5), "image/png")}
@@ -146,6 +191,14 @@ def test_api_key_guards_everything_but_health(package_dir):
             assert c.get(path).status_code == 200
     with TestClient(create_app(package_dir)) as c:  # no key configured: open
         assert c.post("/predict", files={"files": ("x.png", png_bytes(5), "image/png")}).status_code == 200
+
+
+def binary_request(tensor: dict, claimed_size: int, extra_bytes: int) -> bytes:
+    """A v2 body whose binary tensor is shorter than its binary_data_size claims."""
+    header = json.dumps({"inputs": [{"name": tensor["name"], "shape": tensor["shape"], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": claimed_size}}]}).encode()
+    binary_request.headers = {"Inference-Header-Content-Length": str(len(header))}
+    return header + b"\0" * extra_bytes
 
 
 def _bomb() -> bytes:
@@ -174,9 +227,16 @@ def _truncated(fmt: str) -> bytes:
         ("invalid base64", 400, "bad_image"),
         ("invalid json", 422, "invalid_request"),
         ("top_k out of range", 422, "invalid_request"),
-        ("v2 wrong shape", 422, "invalid_tensor"),
-        ("v2 wrong datatype", 422, "invalid_tensor"),
+        ("raw body not an image", 400, "bad_image"),
+        ("v2 wrong shape", 400, "invalid_tensor"),
+        ("v2 data not matching the shape", 400, "invalid_request"),
+        ("v2 wrong datatype", 400, "invalid_tensor"),
         ("v2 unknown model", 404, "model_not_found"),
+        ("v2 unknown version", 404, "model_not_found"),
+        ("v2 binary size lies", 400, "invalid_request"),
+        ("v2 header length past the body", 400, "invalid_request"),
+        ("v2 not json", 400, "invalid_request"),
+        ("v2 unknown output", 400, "invalid_tensor"),
     ],
 )
 def test_bad_input_gets_the_right_4xx_and_the_server_keeps_working(package_dir, kind, status, code):
@@ -196,13 +256,29 @@ def test_bad_input_gets_the_right_4xx_and_the_server_keeps_working(package_dir, 
             "invalid base64": lambda: c.post("/predict", json={"images": ["not base64!!"]}),
             "invalid json": lambda: c.post("/predict", content=b"{oops", headers={"content-type": "application/json"}),
             "top_k out of range": lambda: c.post("/predict?top_k=0", files={"files": ("x.png", png_bytes(), "image/png")}),
-            "v2 wrong shape": lambda: c.post(f"/v2/models/{name}/infer", json={"inputs": [{**tensor, "shape": [1, 3, 32, 32]}]}),
+            "raw body not an image": lambda: c.post("/predict", content=b"GIF89a garbage", headers={"content-type": "image/gif"}),
+            "v2 wrong shape": lambda: c.post(f"/v2/models/{name}/infer",
+                                             json={"inputs": [{**tensor, "shape": [1, 1, 16, 64]}]}),
+            "v2 data not matching the shape": lambda: c.post(f"/v2/models/{name}/infer",
+                                                             json={"inputs": [{**tensor, "shape": [1, 3, 32, 32]}]}),
             "v2 wrong datatype": lambda: c.post(f"/v2/models/{name}/infer", json={"inputs": [{**tensor, "datatype": "INT64"}]}),
             "v2 unknown model": lambda: c.post("/v2/models/nope/infer", json={"inputs": [tensor]}),
+            "v2 unknown version": lambda: c.post(f"/v2/models/{name}/versions/7/infer", json={"inputs": [tensor]}),
+            "v2 binary size lies": lambda: c.post(f"/v2/models/{name}/infer", content=binary_request(tensor, 4096, 10),
+                                                  headers=binary_request.headers),
+            "v2 header length past the body": lambda: c.post(f"/v2/models/{name}/infer", content=b"{}",
+                                                             headers={"Inference-Header-Content-Length": "99"}),
+            "v2 not json": lambda: c.post(f"/v2/models/{name}/infer", content=b"\x00\x01binary junk"),
+            "v2 unknown output": lambda: c.post(f"/v2/models/{name}/infer",
+                                                json={"inputs": [tensor], "outputs": [{"name": "features"}]}),
         }[kind]
         response = send()
         assert response.status_code == status, response.text
-        assert set(response.json()) == {"code", "message"} and response.json()["code"] == code
+        body = response.json()
+        if kind.startswith("v2"):  # the v2 protocol's error body, which tritonclient reads
+            assert set(body) == {"error", "code"} and body["code"] == code and body["error"]
+        else:
+            assert set(body) == {"code", "message"} and body["code"] == code
         ok = c.post("/predict", files={"files": ("x.png", png_bytes(9), "image/png")})
         assert ok.status_code == 200  # still answering correctly
 

@@ -1,4 +1,4 @@
-"""A real `cskd serve` process on loopback: answers, load, and a schemathesis run with no 5xx."""
+"""A real `cskd serve` process on loopback: answers, NVIDIA's KServe v2 client, load, and a schemathesis run with no 5xx."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
 from cskd.export.exporter import ExportOptions, export_model
 from cskd.loadtest import run_load
+from cskd.runtime.package import read_package
 from cskd.runtime.predict import predict_files
+from cskd.runtime.preprocess import decode_image, to_engine_input
 from tests.test_serve_app import png_bytes, val_png_files
 
 API_KEY = "test-key"
@@ -78,6 +81,60 @@ def test_http_bench_counts_successes_and_errors(server):
     assert good["p50_ms"] <= good["p90_ms"] <= good["p99_ms"]
     bad = asyncio.run(run_load(base, png_bytes(1), concurrency=2, duration_s=1.0, api_key="wrong"))
     assert bad["ok"] == 0 and bad["errors"] == bad["requests"] > 0 and set(bad["by_status"]) == {"401"}
+
+
+def triton_client(base: str):
+    import tritonclient.http as httpclient
+
+    return httpclient.InferenceServerClient(base.removeprefix("http://"), network_timeout=30)
+
+
+def triton_infer(base: str, images: np.ndarray, binary_in: bool, binary_out: bool, name: str):
+    import tritonclient.http as httpclient
+
+    client = triton_client(base)
+    tensor = httpclient.InferInput("input", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images, binary_data=binary_in)
+    outputs = [httpclient.InferRequestedOutput(o, binary_data=binary_out) for o in ("logits", "probabilities")]
+    return client.infer(name, [tensor], outputs=outputs, headers={"Authorization": f"Bearer {API_KEY}"})
+
+
+@pytest.mark.parametrize("binary_in, binary_out", [(True, True), (False, False), (True, False), (False, True)])
+def test_tritonclient_infers_with_json_and_binary_tensors_like_predict(server, tmp_path, binary_in, binary_out):
+    base, package = server
+    spec = read_package(package).input
+    paths = val_png_files(tmp_path, 4)
+    images = to_engine_input(np.stack([decode_image(p.read_bytes(), spec.channels, spec.size) for p in paths]),
+                             spec.dtype, spec.mean, spec.std)
+    name = read_package(package).name
+    result = triton_infer(base, images, binary_in, binary_out, name)
+    logits, probabilities = result.as_numpy("logits"), result.as_numpy("probabilities")
+    assert logits.shape == (4, 10) and probabilities.shape == (4, 10)
+    predicted = httpx.post(base + "/predict?top_k=10", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in paths],
+                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).json()["predictions"]
+    for row, answer in zip(probabilities, predicted):
+        by_index = {t["index"]: t["score"] for t in answer["top"]}
+        assert np.allclose([row[i] for i in sorted(by_index)], [by_index[i] for i in sorted(by_index)], atol=1e-5)
+    assert np.array_equal(logits.argmax(1), [a["top"][0]["index"] for a in predicted])
+
+
+def test_tritonclient_health_metadata_config_and_readable_errors(server):
+    from tritonclient.utils import InferenceServerException
+
+    base, package = server
+    name = read_package(package).name
+    client = triton_client(base)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name, headers=auth)
+    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data", "model_configuration"]
+    metadata = client.get_model_metadata(name, headers=auth)
+    assert metadata["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 1, 32, 32]}
+    assert client.get_model_config(name, headers=auth)["platform"] == "onnxruntime_onnx"
+    assert not client.is_model_ready("nope", headers=auth)
+    with pytest.raises(InferenceServerException, match="no model named 'nope'"):
+        triton_infer(base, np.zeros((1, 1, 32, 32), np.float32), True, True, "nope")
+    with pytest.raises(InferenceServerException, match=r"input shape \[1, 1, 8, 8\] is not \[N, 1, 32, 32\]"):
+        triton_infer(base, np.zeros((1, 1, 8, 8), np.float32), True, True, name)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--iters", type=int, default=20, help="timed calls per model, batch size and round")
     p.add_argument("--eval-images", type=int, default=2000, help="validation images for top-1 (0: latency only)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--providers", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+                   help="onnxruntime execution providers in order, comma-separated (e.g. TensorrtExecutionProvider,"
+                        "CUDAExecutionProvider); default: CUDA when onnxruntime-gpu has it, else the CPU")
     p.add_argument("--quick", action="store_true", help="2 rounds of 5 calls, 500 images: a smoke test")
     p.add_argument("--expect-speedup", type=float, help="fail unless every student is this many times faster")
     p.add_argument("--max-accuracy-drop", type=float, help="fail when a student loses more top-1 points than this")
@@ -70,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "torch":
         import cskd.commands.torch_backend  # noqa: F401  registers "torch"
     options = BenchOptions(batch_sizes=args.batch_sizes, backend=args.backend, rounds=args.rounds, iters=args.iters,
-                           eval_images=args.eval_images, threads=args.threads, data=args.data, data_path=args.data_path,
-                           expect_speedup=args.expect_speedup, max_accuracy_drop=args.max_accuracy_drop, out=args.out)
+                           eval_images=args.eval_images, threads=args.threads, providers=args.providers, data=args.data,
+                           data_path=args.data_path, expect_speedup=args.expect_speedup,
+                           max_accuracy_drop=args.max_accuracy_drop, out=args.out)
     if args.quick:
         options.rounds, options.iters, options.warmup, options.eval_images = 2, 5, 2, 500
     students = [as_package(Path(s), print) for s in args.students]

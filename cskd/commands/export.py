@@ -12,6 +12,8 @@ examples:
   cskd export runs/demo --input uint8 --out models/demo  # clients send raw pixels
   cskd export runs/demo --teacher                        # the teacher the run distilled from
   cskd export runs/demo --format trt --precision fp16    # TensorRT engine (CUDA machine)
+  cskd export runs/demo --format triton --precision int8 --out model_repository   # Triton model repository
+  cskd export runs/demo --format triton --engine trt --out model_repository       # ... with a TensorRT plan
 """
 
 
@@ -21,10 +23,12 @@ def add_parser(sub) -> None:
                        description="Export a checkpoint as a model package (engine + model.json), checked against "
                                    "PyTorch on real images.")
     p.add_argument("source", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--format", default="onnx", help="onnx (default) or trt")
+    p.add_argument("--format", default="onnx", help="onnx (default), trt, or triton (a Triton model repository)")
+    p.add_argument("--engine", help="--format triton: the engine inside the repository, onnx (default) or trt")
     p.add_argument("--precision", default="fp32", help="fp32 (default), fp16 or int8")
     p.add_argument("--input", dest="input_kind", default="float", help="float: normalised tensors (default); uint8: raw pixels")
-    p.add_argument("--max-batch", type=int, default=32, help="TensorRT: the largest batch the engine's profile accepts")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="TensorRT: the largest batch of the engine's profile; Triton: max_batch_size (default 32)")
     p.add_argument("--probabilities", action="store_true", help="add a softmax output beside the logits")
     p.add_argument("--out", type=Path, help="package folder (default: RUN/export-FORMAT-PRECISION)")
     p.add_argument("--teacher", action="store_true", help="export the teacher the student run distilled from")
@@ -41,7 +45,7 @@ def options_from(args: argparse.Namespace):
     from cskd.export.exporter import ExportOptions  # torch and onnx: only for this command
 
     return ExportOptions(
-        format=args.format, precision=args.precision, input_kind=args.input_kind, max_batch=args.max_batch,
+        format=args.format, engine=args.engine, precision=args.precision, input_kind=args.input_kind, max_batch=args.max_batch,
         probabilities=args.probabilities, out=args.out, teacher=args.teacher, gate=not args.no_gate,
         parity_images=args.parity_images, calib_images=args.calib_images, data=args.data, data_path=args.data_path,
         force=args.force,

@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--backend", help="onnxruntime, tensorrt or torch (default: the package's own)")
     p.add_argument("--json", type=Path, help="also write the predictions as JSON")
+    p.add_argument("--providers", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+                   help="onnxruntime execution providers in order, comma-separated (e.g. TensorrtExecutionProvider,"
+                        "CUDAExecutionProvider); default: CUDA when onnxruntime-gpu has it, else the CPU")
     p.set_defaults(func=run)
 
 
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise CSKDError(f"--top-k must be at least 1, got {args.top_k}")
     if args.backend == "torch":
         import cskd.commands.torch_backend  # noqa: F401  registers "torch" (imports torch: only when asked)
-    results = predict_files(args.model_dir, args.images, args.top_k, args.backend)
+    results = predict_files(args.model_dir, args.images, args.top_k, args.backend, providers=args.providers)
     print(format_predictions(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

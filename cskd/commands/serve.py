@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--workers", type=int, help="server processes, each with its own copy of the model")
     p.add_argument("--threads", type=int, help="onnxruntime threads per process")
+    p.add_argument("--providers", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+                   help="onnxruntime execution providers in order, comma-separated (e.g. TensorrtExecutionProvider,"
+                        "CUDAExecutionProvider); default: CUDA when onnxruntime-gpu has it, else the CPU")
     p.add_argument("--max-batch", type=int, help="images per inference call (default 32; capped by the engine's limit)")
     p.add_argument("--max-wait-ms", type=float, help="time a batch waits to fill (default 5)")
     p.add_argument("--max-queue", type=int, help="queued images before answering 503 (default 256)")
@@ -54,14 +58,15 @@ def run(args: argparse.Namespace) -> int:
 
     given = {k: v for k, v in {
         "model_dir": str(args.model_dir) if args.model_dir else None, "backend": args.backend, "host": args.host,
-        "port": args.port, "workers": args.workers, "threads": args.threads, "max_batch": args.max_batch,
+        "port": args.port, "workers": args.workers, "threads": args.threads, "providers": args.providers,
+        "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue, "api_key": args.api_key}.items() if v is not None}
     settings = ServeSettings(**given)
     if not settings.model_dir:
         raise CSKDError("no model package given: pass MODEL_DIR or set CSKD_SERVE_MODEL_DIR")
     package = read_package(settings.model_dir)  # fail in one line before uvicorn starts
     for key, value in given.items():  # worker processes read their settings from the environment
-        os.environ[f"CSKD_SERVE_{key.upper()}"] = str(value)
+        os.environ[f"CSKD_SERVE_{key.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
     limit = package.batch_limit(settings.max_batch)
     capped = f" (the engine's limit; asked {settings.max_batch})" if limit < settings.max_batch else ""
     print(f"cskd serve: {package.name} ({package.engine_format}/{package.precision}) on http://{settings.host}:{settings.port}"

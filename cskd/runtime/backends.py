@@ -32,6 +32,7 @@ class BackendOptions:
     threads: Optional[int] = None  # CPU threads per inference (onnxruntime intra-op)
     spin: bool = True  # onnxruntime: let idle threads spin (lower latency, steals cores from neighbours)
     providers: Optional[List[str]] = None  # onnxruntime execution providers, in order of preference
+    device_id: int = 0  # the CUDA device of GPU providers
 
 
 BackendFactory = Callable[[Path, ModelPackage, BackendOptions], Backend]
@@ -72,14 +73,29 @@ def run_batched(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batc
     return np.concatenate([fn(inputs[i : i + batch]) for i in range(0, len(inputs), batch)])
 
 
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
 class OnnxRuntimeBackend:
+    """An onnxruntime session on the providers asked for (default: CUDA when onnxruntime-gpu has it,
+    else the CPU), refusing to start when a GPU provider it was to use did not load: onnxruntime
+    would otherwise fall back to the CPU silently."""
+
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, options: BackendOptions) -> None:
+    def __init__(self, model_path: Path, options: BackendOptions, cache_dir: Optional[Path] = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
             raise CSKDError("onnxruntime is not installed; pip install 'cskd[serve]' (or 'cskd[gpu]' on CUDA machines)") from None
+        available = ort.get_available_providers()
+        wanted = options.providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise CSKDError(f"onnxruntime here has no {', '.join(missing)} (it has {', '.join(available)}); "
+                            "install onnxruntime-gpu (pip install 'cskd[gpu]') on a CUDA machine, or choose other --providers")
+        if any(p in GPU_PROVIDERS for p in wanted) and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, before the session needs them
         session_options = ort.SessionOptions()
         if options.threads:
             session_options.intra_op_num_threads = options.threads
@@ -87,13 +103,28 @@ class OnnxRuntimeBackend:
             # Idle worker threads otherwise spin for a while after each run, stealing the cores of
             # whatever runs next: fine for one busy server, unfair when several sessions take turns.
             session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        available = ort.get_available_providers()
-        chosen = [p for p in (options.providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
-        self.session = ort.InferenceSession(str(model_path), session_options, providers=chosen or ["CPUExecutionProvider"])
+        providers = [(p, provider_options(p, options, cache_dir or model_path.parent)) for p in wanted]
+        self.session = ort.InferenceSession(str(model_path), session_options, providers=providers)
+        self.providers = self.session.get_providers()
+        lost = [p for p in wanted if p in GPU_PROVIDERS and p not in self.providers]
+        if lost:
+            raise CSKDError(f"onnxruntime could not start {', '.join(lost)} (its CUDA/cuDNN/TensorRT libraries did not load; "
+                            f"see the warning above) and would have run on {', '.join(self.providers)}; fix the GPU "
+                            "libraries, or pass --providers CPUExecutionProvider to run on the CPU on purpose")
         self.input_name = self.session.get_inputs()[0].name
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(["logits"], {self.input_name: batch})[0], dtype=np.float32)
+
+
+def provider_options(provider: str, options: BackendOptions, cache_dir: Path) -> Dict[str, object]:
+    """Per-provider settings: TensorRT EP builds from the (already typed) ONNX and caches its engines."""
+    if provider == "TensorrtExecutionProvider":
+        return {"device_id": options.device_id, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)}
+    if provider == "CUDAExecutionProvider":
+        return {"device_id": options.device_id, "use_tf32": 0}  # TF32 would move fp32 logits past the parity gate
+    return {}
 
 
 @register_backend("onnxruntime")

@@ -14,8 +14,8 @@ from cskd.runtime.preprocess import ImageDecodeError, decode_image, to_engine_in
 
 
 def predict_files(model_dir: Path, images: Sequence[Path], k: int = 5, backend: Optional[str] = None,
-                  batch_size: int = 32) -> List[Dict[str, object]]:
-    engine, package = create_backend(model_dir, backend, BackendOptions())
+                  batch_size: int = 32, providers: Optional[List[str]] = None) -> List[Dict[str, object]]:
+    engine, package = create_backend(model_dir, backend, BackendOptions(providers=providers))
     spec = package.input
     arrays = []
     for path in images:

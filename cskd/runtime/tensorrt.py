@@ -1,12 +1,15 @@
 """Running serialised TensorRT engines (CUDA machines with TensorRT and torch).
 
-TensorRT and torch (for CUDA buffers and streams) are imported when an engine is loaded, so this
-module imports anywhere. An engine runs only with the TensorRT version and the GPU architecture it
-was built for; the package records both and a mismatch is refused with a clear error.
+``trt`` is the ``tensorrt`` module, imported on first use, so this module imports anywhere; to a
+type checker it is the real module, so every ``trt.`` name and call is checked against TensorRT's
+API (``scripts/check_tensorrt.py`` runs mypy against the 10.x and 11.x bindings). torch provides
+the CUDA buffers and stream. An engine runs only with the TensorRT version and the GPU architecture
+it was built for; the package records both and a mismatch is refused with a clear error.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
@@ -15,22 +18,32 @@ import numpy as np
 from cskd.errors import CSKDError
 from cskd.runtime.package import ModelPackage
 
-if TYPE_CHECKING:  # the checker sees TensorRT's real types (tensorrt-stubs); at run time it is imported lazily
-    import tensorrt as trt
-
 INSTALL_HINT = (
     "TensorRT is not installed here; on a CUDA machine run `pip install 'cskd[gpu]'` (or use the GPU "
     "image built from docker/Dockerfile.gpu), or export with --format onnx"
 )
 
 
-def require_tensorrt() -> Any:
-    """The ``tensorrt`` module, or a one-line error saying how to get it."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise CSKDError(INSTALL_HINT) from None
-    return tensorrt
+class _LazyTensorRT:
+    """Imports ``tensorrt`` on the first attribute access; a missing install is a one-line error."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            module = importlib.import_module("tensorrt")
+        except ImportError:
+            raise CSKDError(INSTALL_HINT) from None
+        return getattr(module, name)
+
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+else:
+    trt = _LazyTensorRT()
+
+
+def require_tensorrt() -> None:
+    """Fail in one line when TensorRT is not installed."""
+    trt.__version__
 
 
 def require_cuda() -> Any:
@@ -56,7 +69,6 @@ def tensorrt_available() -> bool:
 
 def device_facts() -> Dict[str, Any]:
     """TensorRT version, GPU name and compute capability of this machine: what an engine is bound to."""
-    trt = require_tensorrt()
     torch = require_cuda()
     major, minor = torch.cuda.get_device_capability()
     return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
@@ -84,16 +96,17 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, engine_path: Path, package: Optional[ModelPackage] = None) -> None:
-        trt = require_tensorrt()
+        require_tensorrt()
         self.torch = require_cuda()
         if package is not None and package.build.get("tensorrt"):
             check_engine_compatible(package.build["tensorrt"], device_facts(), engine_path)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
+        engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if engine is None:
             raise CSKDError(f"TensorRT could not load {engine_path}: built by another TensorRT version or for "
                             "another GPU; re-export it on this machine")
+        self.engine: trt.ICudaEngine = engine
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -127,7 +140,7 @@ class TensorRTBackend:
                 raise RuntimeError(f"TensorRT refused input shape {tuple(x.shape)}")
             buffers = {self.input_name: x}
             for name in self.outputs:
-                shape = tuple(self.context.get_tensor_shape(name))
+                shape = dims(self.context.get_tensor_shape(name))
                 dtype = getattr(torch, np.dtype(_numpy_dtype(self.engine.get_tensor_dtype(name))).name)
                 buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
             for name, tensor in buffers.items():
@@ -139,8 +152,12 @@ class TensorRTBackend:
         return logits.numpy()
 
 
-def _numpy_dtype(trt_dtype: "trt.DataType") -> Any:
-    name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
+def dims(shape: trt.Dims) -> Tuple[int, ...]:
+    return tuple(shape[i] for i in range(len(shape)))
+
+
+def _numpy_dtype(trt_dtype: trt.DataType) -> Any:
+    name = trt_dtype.name
     if name not in _NUMPY_OF:
         raise CSKDError(f"engine tensor type {name} is not supported; re-export with --input float or uint8")
     return _NUMPY_OF[name]

@@ -1,62 +1,43 @@
-"""The KServe v2 Open Inference Protocol, so standard v2 clients work.
+"""The KServe v2 Open Inference Protocol, so standard v2 clients (``tritonclient``) work unchanged.
 
-Tensors go in as the engine expects them (``[N, C, H, W]``, FP32 normalised or UINT8 raw
-pixels, as ``model.json`` says) and come out as ``logits`` (and ``probabilities`` on request).
+Tensors go in as the engine expects them (``[N, C, H, W]``, FP32 normalised or UINT8 raw pixels,
+as ``model.json`` says), in JSON or with the binary tensor extension, and come out as ``logits``
+and ``probabilities``, in JSON or binary as asked. Errors are ``{"error": message}`` (with a
+``code``). Triton's model-configuration extension (``/config``) answers the same configuration
+``cskd export --format triton`` writes.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 
+from cskd import __version__
 from cskd.runtime.postprocess import softmax
-from cskd.serve.errors import APIError, invalid, too_large
+from cskd.runtime.triton import PLATFORMS, model_config
+from cskd.serve.errors import APIError, too_large
 from cskd.serve.security import require_api_key
 from cskd.serve.state import Serving, get_serving
+from cskd.serve.v2_protocol import HEADER, OF_NUMPY, ProtocolError, Tensor, encode_response, parse_request
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 models = APIRouter(prefix="/v2/models", tags=["kserve-v2"], dependencies=[Depends(require_api_key)])
 
-_DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
-_NUMPY = {"FP32": np.float32, "UINT8": np.uint8}
+OUTPUTS = ("logits", "probabilities")
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+_MODEL_ERRORS = {404: {"description": "unknown model or version"}, 503: {"description": "not ready"}}
 
 
-class InferTensor(BaseModel):
-    name: str
-    shape: List[int]
-    datatype: str
-    data: List[Any]
-    parameters: Optional[dict] = None
+def bad_request(message: str, code: str = "invalid_request") -> APIError:
+    return APIError(400, code, message)  # the protocol's status for a request it cannot serve
 
 
-class RequestedOutput(BaseModel):
-    name: str
-    parameters: Optional[dict] = None
-
-
-class InferRequest(BaseModel):
-    id: Optional[str] = None
-    inputs: List[InferTensor] = Field(min_length=1, max_length=1)
-    outputs: Optional[List[RequestedOutput]] = None
-    parameters: Optional[dict] = None
-
-
-class OutputTensor(BaseModel):
-    name: str
-    shape: List[int]
-    datatype: str
-    data: List[float]
-
-
-class InferResponse(BaseModel):
-    model_name: str
-    model_version: str
-    id: Optional[str] = None
-    outputs: List[OutputTensor]
+@router.get("", summary="v2 server metadata")
+async def server_metadata() -> dict:
+    return {"name": "cskd", "version": __version__, "extensions": EXTENSIONS}
 
 
 @router.get("/health/live", summary="v2 liveness")
@@ -70,57 +51,80 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"ready": serving.ready}, status_code=200 if serving.ready else 503)
 
 
-def _check_name(name: str, serving: Serving) -> None:
+def served_model(request: Request, serving: Annotated[Serving, Depends(get_serving)]) -> Serving:
+    """Dependency: the serving state, once the path's model name (and version, if any) are this server's."""
+    name, version = request.path_params.get("name"), request.path_params.get("version")
     if name != serving.model_name:
         raise APIError(404, "model_not_found", f"no model named {name!r}; this server serves {serving.model_name!r}")
+    if version is not None and version != serving.package.version:
+        raise APIError(404, "model_not_found", f"model {name!r} has no version {version!r}; it has {serving.package.version!r}")
+    return serving
 
 
-@models.get("/{name}", summary="v2 model metadata", responses={404: {"description": "unknown model"}})
-async def metadata(name: str, serving: Serving = Depends(get_serving)) -> dict:
-    _check_name(name, serving)
-    spec = serving.package.input
+Model = Annotated[Serving, Depends(served_model)]
+
+
+@models.get("/{name}", summary="v2 model metadata", responses=_MODEL_ERRORS)
+@models.get("/{name}/versions/{version}", summary="v2 model metadata (one version)", responses=_MODEL_ERRORS)
+async def metadata(serving: Model) -> dict:
+    spec, package = serving.package.input, serving.package
     return {
-        "name": serving.model_name, "versions": [serving.package.version],
-        "platform": f"{serving.backend_name}_{serving.package.engine_format}",
-        "inputs": [{"name": spec.name, "datatype": _DATATYPES[spec.dtype], "shape": [-1, spec.channels, spec.size, spec.size]}],
-        "outputs": [{"name": out, "datatype": "FP32", "shape": [-1, len(serving.package.classes)]} for out in ("logits", "probabilities")],
+        "name": serving.model_name, "versions": [package.version], "platform": PLATFORMS[package.engine_format],
+        "inputs": [{"name": spec.name, "datatype": OF_NUMPY[spec.dtype], "shape": [-1, spec.channels, spec.size, spec.size]}],
+        "outputs": [{"name": out, "datatype": "FP32", "shape": [-1, len(package.classes)]} for out in OUTPUTS],
     }
 
 
-@models.get("/{name}/ready", summary="v2 model readiness", responses={404: {"description": "unknown model"}})
-async def model_ready(name: str, serving: Serving = Depends(get_serving)) -> dict:
-    _check_name(name, serving)
-    return {"name": name, "ready": serving.ready}
+@models.get("/{name}/ready", summary="v2 model readiness", responses=_MODEL_ERRORS)
+@models.get("/{name}/versions/{version}/ready", summary="v2 model readiness (one version)", responses=_MODEL_ERRORS)
+async def model_ready(serving: Model) -> dict:
+    return {"name": serving.model_name, "ready": serving.ready}
 
 
-@models.post("/{name}/infer", response_model=InferResponse, summary="v2 inference",
-             responses={404: {"description": "unknown model"}, 413: {"description": "too many images"},
-                        422: {"description": "wrong tensor"}, 503: {"description": "overloaded"}})
-async def infer(name: str, body: InferRequest, serving: Serving = Depends(get_serving)) -> InferResponse:
-    _check_name(name, serving)
-    spec, tensor = serving.package.input, body.inputs[0]
-    expected_type = _DATATYPES[spec.dtype]
-    if tensor.name != spec.name:
-        raise invalid(f"input is named {tensor.name!r}; this model's input is {spec.name!r}", "invalid_tensor")
-    if tensor.datatype != expected_type:
-        raise invalid(f"input datatype {tensor.datatype} is not the model's {expected_type}", "invalid_tensor")
+@models.get("/{name}/config", summary="Triton model configuration", responses=_MODEL_ERRORS)
+@models.get("/{name}/versions/{version}/config", summary="Triton model configuration (one version)", responses=_MODEL_ERRORS)
+async def config(serving: Model) -> dict:
+    return model_config(serving.package, serving.model_name, serving.max_batch, int(serving.settings.max_wait_ms * 1000))
+
+
+_INFER_BODY = {"requestBody": {"required": True, "description": "v2 inference request JSON; with the binary tensor extension "
+               "the raw tensors follow it and Inference-Header-Content-Length gives the JSON's length",
+               "content": {"application/json": {"schema": {"type": "object"}},
+                           "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@models.post("/{name}/infer", summary="v2 inference", openapi_extra=_INFER_BODY,
+             responses={**_MODEL_ERRORS, 400: {"description": "invalid request"}, 413: {"description": "too many images"}})
+@models.post("/{name}/versions/{version}/infer", summary="v2 inference (one version)", openapi_extra=_INFER_BODY,
+             responses={**_MODEL_ERRORS, 400: {"description": "invalid request"}, 413: {"description": "too many images"}})
+async def infer(request: Request, serving: Model) -> Response:
+    try:
+        parsed = parse_request(await request.body(), request.headers.get(HEADER))
+    except ProtocolError as exc:
+        raise bad_request(str(exc)) from None
+    rows = _input_rows(parsed.inputs, serving)
+    unknown = [name for name, _ in parsed.outputs or [] if name not in OUTPUTS]
+    if unknown:
+        raise bad_request(f"unknown output {unknown[0]!r}; this model gives {' and '.join(OUTPUTS)}", "invalid_tensor")
+    logits = np.asarray(await serving.infer(rows), dtype=np.float32)
+    computed = {"logits": logits, "probabilities": softmax(logits).astype(np.float32)}
+    wanted = [name for name, _ in parsed.outputs] if parsed.outputs else list(OUTPUTS)
+    body, headers, media_type = encode_response(serving.model_name, serving.package.version, parsed,
+                                                [(name, computed[name]) for name in wanted])
+    return Response(body, media_type=media_type, headers=headers)
+
+
+def _input_rows(inputs: list[Tensor], serving: Serving) -> np.ndarray:
+    """The one input tensor, checked against the model's name, datatype and shape."""
+    spec = serving.package.input
+    expected = OF_NUMPY[spec.dtype]
+    if len(inputs) != 1 or inputs[0].name != spec.name:
+        raise bad_request(f"send one input named {spec.name!r}; got {[t.name for t in inputs]}", "invalid_tensor")
+    tensor = inputs[0]
+    if tensor.datatype != expected:
+        raise bad_request(f"input datatype {tensor.datatype} is not the model's {expected}", "invalid_tensor")
     if len(tensor.shape) != 4 or tensor.shape[1:] != [spec.channels, spec.size, spec.size] or tensor.shape[0] < 1:
-        raise invalid(f"input shape {tensor.shape} is not [N, {spec.channels}, {spec.size}, {spec.size}]", "invalid_tensor")
+        raise bad_request(f"input shape {tensor.shape} is not [N, {spec.channels}, {spec.size}, {spec.size}]", "invalid_tensor")
     if tensor.shape[0] > serving.settings.max_images:
         raise too_large(f"{tensor.shape[0]} images in one request; the limit is {serving.settings.max_images}")
-    try:
-        array = np.asarray(tensor.data, dtype=np.float64).reshape(tensor.shape)
-    except (ValueError, TypeError):
-        raise invalid(f"input data does not hold {int(np.prod(tensor.shape))} numbers of shape {tensor.shape}", "invalid_tensor") from None
-    if not np.isfinite(array).all() or (expected_type == "UINT8" and ((array < 0).any() or (array > 255).any() or (array % 1).any())):
-        raise invalid(f"input data holds values that are not valid {expected_type}", "invalid_tensor")
-    logits = np.asarray(await serving.infer(array.astype(_NUMPY[expected_type])), dtype=np.float32)
-    wanted = [o.name for o in body.outputs] if body.outputs else ["logits"]
-    unknown = [w for w in wanted if w not in ("logits", "probabilities")]
-    if unknown:
-        raise invalid(f"unknown output {unknown[0]!r}; this model gives logits and probabilities", "invalid_tensor")
-    tensors = {"logits": logits, "probabilities": softmax(logits).astype(np.float32)}
-    return InferResponse(
-        model_name=serving.model_name, model_version=serving.package.version, id=body.id,
-        outputs=[OutputTensor(name=w, shape=list(tensors[w].shape), datatype="FP32", data=tensors[w].ravel().tolist()) for w in wanted],
-    )
+    return np.ascontiguousarray(tensor.array, dtype=np.dtype(spec.dtype))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -14,8 +14,8 @@ router = APIRouter(tags=["model"], dependencies=[Depends(require_api_key)])
 
 
 @router.get("/v1/model", summary="the model package's model.json")
-async def model_info(serving: Serving = Depends(get_serving)) -> dict:
-    return {**json.loads(serving.package.to_json()), "backend": serving.backend_name}
+async def model_info(serving: Annotated[Serving, Depends(get_serving)]) -> dict:
+    return {**serving.package.to_dict(), "backend": serving.backend_name, "max_batch": serving.max_batch}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

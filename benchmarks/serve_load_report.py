@@ -1,0 +1,104 @@
+"""Helper of serve_load.sh: request bodies, snapshots of a server process, and the report.
+
+    python benchmarks/serve_load_report.py --make-bodies OUT          # OUT/image.png, OUT/multipart.body
+    python benchmarks/serve_load_report.py --snapshot PID URL          # CPU seconds, RSS, /metrics (JSON)
+    python benchmarks/serve_load_report.py --report OUT NAME...        # table + OUT/serve_load.json
+
+CPU outside inference per request = (server CPU seconds - inference CPU seconds) / requests, where
+inference CPU is the backend's wall time from the server's own metrics times the CPU it keeps busy
+during a call (measured here: ``cpu_per_wall``, onnxruntime's threads at the same batch sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import sys
+import urllib.request
+from pathlib import Path
+
+
+def make_bodies(out: Path) -> None:
+    from PIL import Image
+
+    from cskd.assets import demo_arrays
+
+    buf = io.BytesIO()
+    Image.fromarray(demo_arrays("val")[0][0], mode="L").save(buf, format="PNG")
+    png = buf.getvalue()
+    (out / "image.png").write_bytes(png)
+    part = (b'--cskdloadboundary\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--cskdloadboundary--\r\n")
+    (out / "multipart.body").write_bytes(part)
+
+
+def snapshot(pid: int, url: str) -> dict:
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime of the whole process
+    rss = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+    metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    values = {}
+    for name in ("cskd_inference_duration_seconds_sum", "cskd_inference_duration_seconds_count",
+                 "cskd_batch_size_images_sum", "cskd_batch_size_images_count", "cskd_images_total"):
+        match = re.search(rf"^{name} ([0-9.e+-]+)$", metrics, re.M)
+        values[name] = float(match.group(1)) if match else 0.0
+    return {"cpu_s": cpu, "rss_kb": rss, **values}
+
+
+def parse_hey(text: str) -> dict:
+    number = lambda pattern: float(re.search(pattern, text).group(1))  # noqa: E731
+    statuses = {code: int(n) for code, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", text)}
+    return {"requests_per_s": number(r"Requests/sec:\s+([0-9.]+)"),
+            "p50_ms": 1000 * number(r"50%+ in ([0-9.]+) secs"), "p90_ms": 1000 * number(r"90%+ in ([0-9.]+) secs"),
+            "p99_ms": 1000 * number(r"99%+ in ([0-9.]+) secs"), "statuses": statuses,
+            "non_2xx": sum(n for code, n in statuses.items() if not code.startswith("2")),
+            "errors": len(re.findall(r"Error distribution", text))}
+
+
+def report(out: Path, names: list) -> None:
+    rows = {}
+    for name in names:
+        before, after = (json.loads((out / f"{name}.{when}.json").read_text()) for when in ("before", "after"))
+        hey = parse_hey((out / f"{name}.hey.txt").read_text())
+        requests = sum(hey["statuses"].values())
+        delta = {k: after[k] - before[k] for k in before if k != "rss_kb"}
+        calls = delta["cskd_batch_size_images_count"] or 1
+        rows[name] = {**hey, "requests": requests, "server_cpu_ms_per_request": 1000 * delta["cpu_s"] / requests,
+                      "inference_wall_ms_per_request": 1000 * delta["cskd_inference_duration_seconds_sum"] / requests,
+                      "mean_batch": delta["cskd_batch_size_images_sum"] / calls,
+                      "rss_kb": [before["rss_kb"], after["rss_kb"]]}
+    first = rows[names[0]]["requests_per_s"]
+    print(f"{'setting':<9} {'req/s':>8} {'x':>6} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7} {'batch':>6} "
+          f"{'CPU ms/req':>10} {'infer ms/req':>12}")
+    for name, r in rows.items():
+        r["speedup"] = r["requests_per_s"] / first
+        print(f"{name:<9} {r['requests_per_s']:>8.1f} {r['speedup']:>5.2f}x {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
+              f"{r['non_2xx']:>7} {r['mean_batch']:>6.1f} {r['server_cpu_ms_per_request']:>10.2f} "
+              f"{r['inference_wall_ms_per_request']:>12.2f}")
+    (out / "serve_load.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {out / 'serve_load.json'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--make-bodies", type=Path)
+    parser.add_argument("--snapshot", nargs=2, metavar=("PID", "URL"))
+    parser.add_argument("--report", nargs="+", metavar=("OUT", "NAME"))
+    args = parser.parse_args()
+    if args.make_bodies:
+        make_bodies(args.make_bodies)
+    elif args.snapshot:
+        print(json.dumps(snapshot(int(args.snapshot[0]), args.snapshot[1])))
+    elif args.report:
+        report(Path(args.report[0]), args.report[1:])
+    else:
+        parser.error("give --make-bodies, --snapshot or --report")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The dynamic batcher: concurrent requests share one inference, a bad request fails alone,
+the queue is bounded, stale requests are dropped, one request larger than a batch is sliced."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from cskd.serve.batcher import DeadlineExceeded, DynamicBatcher, QueueFull
+
+
+class Recorder:
+    """A fake backend: logits = the rows' sums, and the batch sizes it saw."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.sizes, self.delay = [], delay
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        import time
+
+        time.sleep(self.delay)
+        self.sizes.append(len(rows))
+        return rows.reshape(len(rows), -1).sum(axis=1, keepdims=True)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_one_call_and_get_their_own_rows():
+    async def scenario():
+        backend = Recorder()
+        batcher = DynamicBatcher(backend, max_batch=16, max_wait_ms=50, max_queue=64)
+        batcher.start()
+        requests = [np.full((n, 2), float(i)) for i, n in enumerate((1, 3, 2))]
+        results = await asyncio.gather(*(batcher.submit(r, 5.0) for r in requests))
+        await batcher.close()
+        return backend.sizes, results
+
+    sizes, results = run(scenario())
+    assert sizes == [6]
+    for i, (n, result) in enumerate(zip((1, 3, 2), results)):
+        assert result.shape == (n, 1) and np.all(result == 2 * i)
+
+
+def test_a_payload_that_fails_to_prepare_fails_only_its_own_request():
+    def prepare(payload):
+        if payload == "bad":
+            raise ValueError("cannot decode")
+        return np.full((1, 2), float(payload))
+
+    async def scenario():
+        batcher = DynamicBatcher(Recorder(), max_batch=8, max_wait_ms=50, max_queue=64)
+        batcher.start()
+        outcomes = await asyncio.gather(*(batcher.submit(p, 5.0, count=1, prepare=prepare) for p in ("1", "bad", "3")),
+                                        return_exceptions=True)
+        await batcher.close()
+        return outcomes
+
+    good, bad, other = run(scenario())
+    assert np.all(good == 2.0) and np.all(other == 6.0) and isinstance(bad, ValueError)
+
+
+def test_a_full_queue_refuses_at_once():
+    async def scenario():
+        batcher = DynamicBatcher(Recorder(delay=0.2), max_batch=1, max_wait_ms=0, max_queue=2)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(np.zeros((2, 2)), 5.0))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await batcher.submit(np.zeros((1, 2)), 5.0)
+        await first
+        await batcher.close()
+
+    run(scenario())
+
+
+def test_a_request_queued_past_its_deadline_is_dropped():
+    async def scenario():
+        backend = Recorder(delay=0.3)
+        batcher = DynamicBatcher(backend, max_batch=1, max_wait_ms=0, max_queue=8)
+        batcher.start()
+        slow = asyncio.ensure_future(batcher.submit(np.zeros((1, 2)), 5.0))
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(np.zeros((1, 2)), 0.1)  # waits behind the 0.3 s call
+        await slow
+        await batcher.close()
+        return backend.sizes
+
+    assert run(scenario()) == [1]  # the expired request never ran
+
+
+def test_one_request_larger_than_a_batch_is_sliced():
+    async def scenario():
+        backend = Recorder()
+        batcher = DynamicBatcher(backend, max_batch=4, max_wait_ms=0, max_queue=64)
+        batcher.start()
+        result = await batcher.submit(np.arange(20, dtype=float).reshape(10, 2), 5.0)
+        await batcher.close()
+        return backend.sizes, result
+
+    sizes, result = run(scenario())
+    assert sizes == [4, 4, 2] and np.array_equal(result[:, 0], np.arange(20).reshape(10, 2).sum(1))
