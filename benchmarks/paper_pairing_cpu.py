@@ -33,7 +33,8 @@ def package(folder: Path, role: str, name: str, deployable: torch.nn.Module, pre
     module = DeployModule(deployable, MEAN, STD, uint8_input=False, probabilities=False).eval()
     calibration = lambda: [np.random.default_rng(i).standard_normal((4, 3, SIZE, SIZE)).astype(np.float32) for i in range(4)]
     ctx = BuildContext(folder, module, torch.randn(2, 3, SIZE, SIZE), ["logits"], precision,
-                       {"cskd.note": "random weights, latency only"}, calibration, 3, SIZE, 64, folder, lambda _: None)
+                       {"cskd.note": "random weights, latency only"}, calibration, None, 3, SIZE, 64, folder,
+                       lambda _: None)
     built = build_onnx(ctx)
     write_package_json(folder, ModelPackage(
         name=f"{role}-{name}", role=role, architecture=name, engine=built.engine, engine_format="onnx",

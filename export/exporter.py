@@ -25,6 +25,7 @@ from cskd.evaluate import ModelInput, real_images
 from cskd.export.formats import BuildContext, BuiltEngine, check_export_args
 from cskd.export.onnx_export import metadata_for
 from cskd.export.parity import DEFAULT_THRESHOLDS, ParityReport, compare
+from cskd.export.quantize import Tuning
 from cskd.files import file_sha256
 from cskd.models.deploy import DeployModule, output_names
 from cskd.run import RunDir
@@ -47,6 +48,7 @@ class ExportOptions:
     gate: bool = True
     parity_images: int = 500
     calib_images: int = 512
+    tuning_images: int = 1000  # int8: training images to choose the calibration and float fallbacks on (0: recipe only)
     data: Optional[str] = None  # data set for parity and calibration (default: the run's)
     data_path: Optional[str] = None
     force: bool = False
@@ -107,11 +109,21 @@ def _build_context(stage: Path, module: DeployModule, trained: Trained, options:
                                 options.data_path)
         return [feed(images[i : i + 32]) for i in range(0, len(images), 32)]
 
+    def tuning() -> Tuning:
+        # training images the calibration did not take (another offset), judged against the fp32 model
+        images, labels = real_images(trained.path, ModelInput.of_spec(spec), "train", options.tuning_images, options.data,
+                                     options.data_path, offset=1)
+        inputs = feed(images)
+        with torch.inference_mode():
+            reference = run_batched(lambda x: _logits(module(torch.from_numpy(x))).numpy(), inputs, 64)
+        return Tuning(inputs, reference, labels)
+
     metadata = metadata_for(json.dumps(spec.__dict__, default=list), {
         "precision": options.precision, "input": options.input_kind, "version": __version__, "fused": bool(trained.heads),
         "heads": list(trained.heads)})
     return BuildContext(stage, module, torch.from_numpy(example), output_names(options.probabilities), options.precision,
-                        metadata, calibration, spec.in_chans, spec.img_size, options.max_batch, cache_dir, log,
+                        metadata, calibration, tuning if options.tuning_images > 0 else None, spec.in_chans, spec.img_size,
+                        options.max_batch, cache_dir, log,
                         name=package_name(spec), engine=options.engine)
 
 

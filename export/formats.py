@@ -13,7 +13,7 @@ import torch
 
 from cskd.errors import CSKDError, did_you_mean
 from cskd.export import onnx_export, tensorrt
-from cskd.export.quantize import quantize_int8
+from cskd.export.quantize import Tuning, quantize_int8
 from cskd.files import atomic_write_text
 from cskd.runtime.package import ModelPackage
 from cskd.runtime.triton import model_config, to_pbtxt
@@ -34,6 +34,7 @@ class BuildContext:
     precision: str
     metadata: Dict[str, str]  # written into the ONNX metadata_props
     calibration: Callable[[], List[np.ndarray]]  # int8: batches of real training images (loaded on demand)
+    tuning: Optional[Callable[[], Tuning]]  # int8: images to choose the quantisation on (None: the recipe as is)
     channels: int
     size: int
     max_batch: int
@@ -72,7 +73,7 @@ def build_onnx(ctx: BuildContext) -> BuiltEngine:
     else:
         batches = ctx.calibration()
         ctx.log(f"calibrating int8 on {sum(len(b) for b in batches)} training images")
-        built.build["quantization"] = quantize_int8(fp32_path, target, batches)
+        built.build["quantization"] = quantize_int8(fp32_path, target, batches, ctx.tuning() if ctx.tuning else None, ctx.log)
     onnx_export.set_metadata_file(target, ctx.metadata)
     fp32_path.unlink()
     return built

@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-gate", action="store_true", help="keep the package even when parity fails (recorded in model.json)")
     p.add_argument("--parity-images", type=int, default=500)
     p.add_argument("--calib-images", type=int, default=512, help="training images for int8 calibration")
+    p.add_argument("--tuning-images", type=int, default=1000,
+                   help="int8: other training images to choose the calibration and what stays float on (0: the recipe as is)")
     p.add_argument("--data", help="data set for parity and calibration (default: the run's)")
     p.add_argument("--data-path")
     p.add_argument("--force", action="store_true", help="replace an existing package folder")
@@ -47,7 +49,8 @@ def options_from(args: argparse.Namespace):
     return ExportOptions(
         format=args.format, engine=args.engine, precision=args.precision, input_kind=args.input_kind, max_batch=args.max_batch,
         probabilities=args.probabilities, out=args.out, teacher=args.teacher, gate=not args.no_gate,
-        parity_images=args.parity_images, calib_images=args.calib_images, data=args.data, data_path=args.data_path,
+        parity_images=args.parity_images, calib_images=args.calib_images, tuning_images=args.tuning_images,
+        data=args.data, data_path=args.data_path,
         force=args.force,
     )
 

@@ -36,11 +36,12 @@ class Indexed(Dataset):
         return image, label, meta
 
 
-def sample_images(dataset: Dataset, count: int) -> Tuple[np.ndarray, np.ndarray]:
+def sample_images(dataset: Dataset, count: int, offset: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """``count`` images spread over ``dataset`` (every class, not the first folder) as uint8
-    ``[N, C, H, W]`` with their labels; the dataset's transform must give [0, 1] tensors."""
+    ``[N, C, H, W]`` with their labels; the dataset's transform must give [0, 1] tensors. Samples
+    with different ``offset`` (below ``len / count``) share no image."""
     step = max(1, len(dataset) // count)
-    picks = list(range(0, len(dataset), step))[:count]
+    picks = list(range(offset % step, len(dataset), step))[:count]
     images = np.stack([(dataset[i][0].numpy() * 255.0).round().clip(0, 255).astype(np.uint8) for i in picks])
     labels = np.array([dataset[i][1] for i in picks])
     return images, labels

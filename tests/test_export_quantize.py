@@ -1,0 +1,95 @@
+"""int8 chosen by accuracy: a model the recipe cannot quantise is rescued by keeping its most
+sensitive node in float, the choice is recorded, and what is hopeless is refused with the figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from cskd.errors import CSKDError
+from cskd.export import onnx_export
+from cskd.export.quantize import Tuning, quantize_int8
+from cskd.models import DeployModule
+from cskd.runtime.preprocess import to_engine_input
+from cskd.tasks import load_trained
+from tests.conftest import val_images
+
+QKV = "/model/blocks/blocks.0/attn/qkv/MatMul"
+
+
+@pytest.fixture(scope="module")
+def outlier_model(trained_run, tmp_path_factory):
+    """The trained student with ONE activation channel 1000x larger (LayerNorm gain x1000, the next
+    weight row /1000): the same function, but one per-tensor int8 scale cannot cover that channel and
+    the others together, so quantising the qkv matmul's input destroys it."""
+    trained = load_trained(trained_run)
+    spec = trained.spec
+    module = DeployModule(trained.deployable(), spec.mean, spec.std, False, False).eval()
+    folder = tmp_path_factory.mktemp("quant")
+    onnx_export.export_fp32(module, folder / "fp32.onnx", torch.randn(2, 1, 32, 32), ["logits"], {})
+    model = onnx.load(str(folder / "fp32.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    qkv = next(n for n in model.graph.node if n.name == QKV)
+
+    def scale(name: str, factor: float, row: int = None) -> None:
+        array = numpy_helper.to_array(inits[name]).copy()
+        if row is None:
+            array[3] *= factor
+        else:
+            array[row] *= factor
+        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+
+    scale("model.trunk.blocks.0.norm1.weight", 1000.0)
+    scale("model.trunk.blocks.0.norm1.bias", 1000.0)
+    scale(qkv.input[1], 1e-3, row=3)
+    onnx.save(model, str(folder / "outlier.onnx"))
+    images, labels = val_images(400)
+    inputs = to_engine_input(images, "float32", spec.mean, spec.std)
+    with torch.inference_mode():
+        reference = module(torch.from_numpy(inputs)).numpy()
+    calibration = [inputs[i : i + 32] for i in range(0, 256, 32)]
+    tuning = Tuning(inputs[200:], reference[200:], labels[200:])
+    return folder, calibration, tuning
+
+
+def agreement(model: Path, tuning: Tuning) -> float:
+    import onnxruntime as ort
+
+    logits = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(["logits"], {"input": tuning.inputs})[0]
+    return 100.0 * float((logits.argmax(1) == tuning.reference.argmax(1)).mean())
+
+
+def test_the_outlier_model_is_the_same_function(outlier_model):
+    folder, _, tuning = outlier_model
+    assert agreement(folder / "outlier.onnx", tuning) == 100.0
+
+
+def test_a_model_the_recipe_cannot_quantise_is_rescued_by_the_fallback(outlier_model, tmp_path):
+    folder, calibration, tuning = outlier_model
+    facts = quantize_int8(folder / "outlier.onnx", tmp_path / "int8.onnx", calibration, tuning, log=lambda _: None)
+    first = facts["attempts"][0]
+    assert not first["passed"] and first["agreement"] < tuning.min_agreement  # the recipe alone fails
+    last = facts["attempts"][-1]
+    assert last["passed"] and last["kept_float"] >= 1 and QKV in facts["kept_float"]
+    assert agreement(tmp_path / "int8.onnx", tuning) == pytest.approx(last["agreement"])
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node)  # still int8
+
+
+def test_an_unreachable_target_is_refused_with_every_attempts_figures(outlier_model, tmp_path):
+    folder, calibration, tuning = outlier_model
+    impossible = Tuning(tuning.inputs, tuning.reference, (tuning.labels + 1) % 10, min_agreement=100.1)
+    with pytest.raises(CSKDError, match="cannot reach 100.1% agreement .*percentile-99.99 \\+0 float.*export --precision fp16"):
+        quantize_int8(folder / "outlier.onnx", tmp_path / "x.onnx", calibration, impossible, log=lambda _: None)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_without_tuning_images_the_recipe_is_used_as_it_is(outlier_model, tmp_path):
+    folder, calibration, _ = outlier_model
+    facts = quantize_int8(folder / "fp32.onnx", tmp_path / "int8.onnx", calibration, None, log=lambda _: None)
+    assert facts["calibration"] == "percentile-99.99" and facts["attempts"] == []
+    assert np.isfinite(agreement(tmp_path / "int8.onnx", outlier_model[2]))
