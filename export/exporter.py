@@ -29,7 +29,7 @@ from cskd.export.quantize import Tuning
 from cskd.files import file_sha256
 from cskd.models.deploy import DeployModule, output_names
 from cskd.run import RunDir
-from cskd.runtime.backends import create_backend, run_batched
+from cskd.runtime.backends import backend_names, create_backend, run_batched
 from cskd.runtime.package import InputSpec, ModelPackage, staged_folder, write_package_json
 from cskd.runtime.preprocess import to_engine_input
 from cskd.tasks import Trained, load_trained
@@ -39,6 +39,7 @@ from cskd.tasks import Trained, load_trained
 class ExportOptions:
     format: str = "onnx"  # onnx | trt | triton
     engine: Optional[str] = None  # --format triton: the engine in the repository, onnx (default) or trt
+    backend: Optional[str] = None  # the runtime to gate on and serve with (default: the engine's own, onnxruntime for ONNX)
     precision: str = "fp32"  # fp32 | fp16 | int8
     input_kind: str = "float"  # float (client normalises) | uint8 (raw pixels, normalised in the graph)
     max_batch: int = 32  # the TensorRT optimisation profile's largest batch
@@ -77,6 +78,8 @@ def export_model(source: Path, options: ExportOptions, log: Callable[[str], None
     if options.max_batch < 1:
         raise CSKDError(f"--max-batch must be at least 1, got {options.max_batch}")
     fmt.preflight(options.engine)  # e.g. TensorRT and a CUDA GPU, before any work
+    if options.backend is not None and options.backend not in backend_names():
+        raise CSKDError(f"--backend {options.backend} is not one of {', '.join(backend_names())}")
     trained = load_trained(resolve_source(Path(source), options.teacher))
     spec, out = trained.spec, Path(options.out) if options.out else default_out(Path(source), options)
     log(f"exporting {spec.role} {spec.model} from {trained.path} as {fmt.name}/{options.precision} ({options.input_kind} input)")
@@ -143,14 +146,14 @@ def _package(trained: Trained, options: ExportOptions, built: BuiltEngine) -> Mo
                         spec.img_size, list(spec.mean), list(spec.std), data.interpolation if data else "bicubic",
                         data.eval_crop_pct if data else 1.0),
         outputs=output_names(options.probabilities), classes=list(spec.class_names), heads=list(trained.heads),
-        engine_max_batch=built.engine_max_batch, build=built.build, files=built.files, toolkit=_toolkit(),
+        engine_max_batch=built.engine_max_batch, backend=options.backend, build=built.build, files=built.files, toolkit=_toolkit(),
         source={"checkpoint": str(trained.path.resolve()), "sha256": file_sha256(trained.path), "epoch": trained.info.get("epoch")},
     )
 
 
 def _parity(stage: Path, package: ModelPackage, inputs: np.ndarray, reference: np.ndarray, labels: np.ndarray,
             options: ExportOptions) -> ParityReport:
-    backend, _ = create_backend(stage)
+    backend, _ = create_backend(stage)  # the package's own backend (options.backend, recorded in it)
     engine_logits = run_batched(backend.infer, inputs, package.batch_limit(64))
     report = compare(reference, engine_logits, labels, options.precision)
     package.parity = {**report.to_dict(), "backend": backend.name, "reference": "pytorch fp32 fused",

@@ -207,3 +207,24 @@ def test_fp16_graph_keeps_the_head_and_logits_in_fp32(trained_run, tmp_path):
     images, _ = val_images(8)
     logits = session.run(["logits"], {"input": to_engine_input(images, "float32", [0.286], [0.353])})[0]
     assert (logits.astype(np.float16).astype(np.float32) != logits).any()  # not rounded through fp16
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_every_backend_gives_pytorchs_top1_on_the_gate_images(trained_run, tmp_path, backend):
+    pytest.importorskip("openvino") if backend == "openvino" else None
+    from cskd.runtime.backends import create_backend
+
+    out, package = export(trained_run, tmp_path / backend, backend=backend)
+    assert package.backend == backend and package.parity["backend"] == backend
+    assert package.parity["agreement"] == 100.0 and package.parity["max_abs_diff"] < 1e-4  # fp32: the same top-1
+    engine, _ = create_backend(out)  # serving and benchmarks take the gated backend by default
+    assert engine.name == backend
+    images, _ = val_images(16)
+    feed = to_engine_input(images, "float32", package.input.mean, package.input.std)
+    assert np.array_equal(engine.infer(feed).argmax(1), torch_logits(trained_run, images).argmax(1))
+
+
+def test_an_unknown_backend_is_refused_before_any_work(trained_run, tmp_path):
+    with pytest.raises(CSKDError, match="--backend onnxrt is not one of"):
+        export(trained_run, tmp_path / "x", backend="onnxrt")
+    assert not (tmp_path / "x").exists()

@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("source", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--format", default="onnx", help="onnx (default), trt, or triton (a Triton model repository)")
     p.add_argument("--engine", help="--format triton: the engine inside the repository, onnx (default) or trt")
+    p.add_argument("--backend", help="the runtime the parity gate runs on and that serves the package by default: "
+                                     "onnxruntime (default for ONNX) or openvino (CPU)")
     p.add_argument("--precision", default="fp32", help="fp32 (default), fp16 or int8")
     p.add_argument("--input", dest="input_kind", default="float", help="float: normalised tensors (default); uint8: raw pixels")
     p.add_argument("--max-batch", type=int, default=32,
@@ -47,7 +49,8 @@ def options_from(args: argparse.Namespace):
     from cskd.export.exporter import ExportOptions  # torch and onnx: only for this command
 
     return ExportOptions(
-        format=args.format, engine=args.engine, precision=args.precision, input_kind=args.input_kind, max_batch=args.max_batch,
+        format=args.format, engine=args.engine, backend=args.backend, precision=args.precision, input_kind=args.input_kind,
+        max_batch=args.max_batch,
         probabilities=args.probabilities, out=args.out, teacher=args.teacher, gate=not args.no_gate,
         parity_images=args.parity_images, calib_images=args.calib_images, tuning_images=args.tuning_images,
         data=args.data, data_path=args.data_path,

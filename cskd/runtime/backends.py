@@ -1,8 +1,9 @@
 """Inference backends behind one protocol, chosen by name from a registry.
 
 A backend takes the engine's input as a numpy array and returns float32 logits ``[N, K]``.
-``onnxruntime`` and ``tensorrt`` are built in; other layers may register more (the command line
-registers ``torch``, which runs the source checkpoint). Heavy libraries are imported when a
+``onnxruntime``, ``openvino`` (Intel's CPU runtime, the ``openvino`` extra) and ``tensorrt`` are
+built in; other layers may register more (the command line registers ``torch``, which runs the
+source checkpoint). A package runs on the backend its parity gate passed on, unless told otherwise. Heavy libraries are imported when a
 backend is created, so importing this module is cheap.
 """
 
@@ -54,7 +55,8 @@ def backend_names() -> List[str]:
 
 
 def default_backend(package: ModelPackage) -> str:
-    return "tensorrt" if package.engine_format == "trt" else "onnxruntime"
+    """The backend the package's parity gate ran on; else its engine's own."""
+    return package.backend or ("tensorrt" if package.engine_format == "trt" else "onnxruntime")
 
 
 def create_backend(model_dir: str | Path, name: Optional[str] = None,
@@ -136,6 +138,39 @@ def _onnxruntime(folder: Path, package: ModelPackage, options: BackendOptions) -
     if not onnx_file:
         raise CSKDError(f"{folder} holds a TensorRT engine only; use --backend tensorrt")
     return OnnxRuntimeBackend(folder / onnx_file, options)
+
+
+class OpenVINOBackend:
+    """Intel's OpenVINO runtime on the CPU, from the portable ONNX graph (int8 QDQ graphs run as int8).
+
+    Inference precision is pinned to f32: on CPUs with bf16 units OpenVINO would otherwise run fp32
+    models in bf16, which the package's parity figures do not cover.
+    """
+
+    name = "openvino"
+
+    def __init__(self, model_path: Path, options: BackendOptions) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise CSKDError("OpenVINO is not installed; pip install 'cskd[openvino]', or use --backend onnxruntime") from None
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if options.threads:
+            config["INFERENCE_NUM_THREADS"] = options.threads
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.logits = self.compiled.output("logits")
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.request.infer({0: batch})[self.logits], dtype=np.float32)
+
+
+@register_backend("openvino")
+def _openvino(folder: Path, package: ModelPackage, options: BackendOptions) -> Backend:
+    if package.engine_format != "onnx":
+        raise CSKDError(f"{folder} holds a TensorRT engine; OpenVINO runs ONNX packages")
+    return OpenVINOBackend(folder / package.engine, options)  # the portable graph, not onnxruntime's optimised one
 
 
 @register_backend("tensorrt")

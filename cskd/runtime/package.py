@@ -48,6 +48,7 @@ class ModelPackage:
     classes: List[str]
     heads: List[str] = field(default_factory=list)  # the heads the prediction averages (students)
     engine_max_batch: Optional[int] = None  # the engine's own batch limit (TensorRT profile); None: any
+    backend: Optional[str] = None  # the backend the parity gate passed on: serving and benchmarks use it by default
     build: Dict[str, Any] = field(default_factory=dict)  # how the engine was made (quantisation, TensorRT, GPU)
     parity: Dict[str, Any] = field(default_factory=dict)
     gate: Dict[str, Any] = field(default_factory=dict)
