@@ -55,6 +55,7 @@ class DynamicBatcher:
         self._wakeup: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self._closing = False
+        self._full = False  # the last _take stopped at a request that does not fit the batch
 
     @property
     def depth(self) -> int:
@@ -91,6 +92,7 @@ class DynamicBatcher:
     def _take(self, batch: List[_Pending], rows: int) -> int:
         """Move queued requests into ``batch`` while they fit; drop the expired ones."""
         now = time.perf_counter()
+        self._full = False
         while self._queue:
             head = self._queue[0]
             if head.future.cancelled() or now > head.deadline:
@@ -100,6 +102,7 @@ class DynamicBatcher:
                     head.future.set_exception(DeadlineExceeded(f"dropped after {now - head.enqueued:.1f} s in the queue"))
                 continue
             if rows and rows + head.count > self.max_batch:
+                self._full = True  # the next request does not fit: run this batch now
                 break
             batch.append(self._queue.popleft())
             self._rows_queued -= head.count
@@ -118,7 +121,8 @@ class DynamicBatcher:
             batch: List[_Pending] = []
             rows = self._take(batch, 0)
             fill_until = time.perf_counter() + self.max_wait
-            while rows < self.max_batch and not self._closing and (remaining := fill_until - time.perf_counter()) > 0:
+            while rows < self.max_batch and not self._full and not self._closing \
+                    and (remaining := fill_until - time.perf_counter()) > 0:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
@@ -151,8 +155,8 @@ class DynamicBatcher:
             except Exception as exc:  # this request's input is bad; the others still run
                 prepared.append(exc)
         good = [rows for rows in prepared if not isinstance(rows, Exception)]
-        if not good:
-            return prepared
+        if not good or sum(len(rows) for rows in good) == 0:
+            return [rows if isinstance(rows, Exception) else rows[:0] for rows in prepared]
         inputs = np.concatenate(good) if len(good) > 1 else good[0]
         outputs = []
         for i in range(0, len(inputs), self.max_batch):

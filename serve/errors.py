@@ -60,6 +60,12 @@ def install_handlers(app: FastAPI) -> None:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(422, "invalid_request", f"{where or 'request'}: {first.get('msg', 'invalid')}", request.url.path)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # a backend that fails, or a bug: still the contract's JSON (and v2's {"error"}), never a plain-text page
+        return error_response(500, "internal_error", f"the server failed on this request ({type(exc).__name__}: {exc})",
+                              request.url.path)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")

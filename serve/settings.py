@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,3 +29,10 @@ class ServeSettings(BaseSettings):
     max_top_k: int = 100
     api_key: Optional[str] = Field(None, description="require 'Authorization: Bearer KEY' (health endpoints exempt)")
     cors_origins: List[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> "ServeSettings":
+        if self.max_queue < self.max_images:
+            raise ValueError(f"max_queue={self.max_queue} is below max_images={self.max_images}: a request of "
+                             f"{self.max_images} images could never be queued; raise max_queue or lower max_images")
+        return self

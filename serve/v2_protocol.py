@@ -10,6 +10,7 @@ parameter, else the request's ``binary_data_output``), as little-endian bytes af
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -20,6 +21,7 @@ DATATYPES = {"BOOL": "?", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT
              "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 OF_NUMPY = {"float32": "FP32", "uint8": "UINT8", "float16": "FP16"}
 HEADER = "inference-header-content-length"
+MAX_DIMS = 8
 
 
 class ProtocolError(ValueError):
@@ -52,13 +54,14 @@ def parse_request(body: bytes, header_length: Optional[str]) -> InferRequest:
     """Split and decode a v2 inference request body; every inconsistency is a :class:`ProtocolError`."""
     json_length = len(body)
     if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
+        text = header_length.strip()
+        if not (text.isascii() and text.isdigit()) or int(text) > len(body):
             raise ProtocolError(f"Inference-Header-Content-Length {header_length!r} is not a length within the "
                                 f"{len(body)}-byte body")
-        json_length = int(header_length)
+        json_length = int(text)
     try:
         header = json.loads(body[:json_length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(f"the request header is not valid JSON ({exc}); send the v2 inference request JSON, followed by "
                             "binary tensors only with Inference-Header-Content-Length") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
@@ -71,9 +74,21 @@ def parse_request(body: bytes, header_length: Optional[str]) -> InferRequest:
         offset += used
     if offset != len(blob):
         raise ProtocolError(f"{len(blob) - offset} bytes after the tensors belong to no input (binary_data_size too small?)")
-    parameters = header.get("parameters") or {}
-    return InferRequest(inputs, _requested_outputs(header.get("outputs")), bool(parameters.get("binary_data_output", False)),
-                        header.get("id"), parameters)
+    parameters = _parameters(header, "the request")
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError(f"'id' must be a string, got {request_id!r}")
+    return InferRequest(inputs, _requested_outputs(header.get("outputs")), parameters.get("binary_data_output") is True,
+                        request_id, parameters)
+
+
+def _parameters(entry: Dict[str, Any], where: str) -> Dict[str, Any]:
+    parameters = entry.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError(f"'parameters' of {where} must be an object, got {type(parameters).__name__}")
+    return parameters
 
 
 def _input_tensor(raw: Any, index: int, blob: memoryview) -> Tuple[Tensor, int]:
@@ -82,27 +97,38 @@ def _input_tensor(raw: Any, index: int, blob: memoryview) -> Tuple[Tensor, int]:
     name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
     if not isinstance(name, str) or datatype not in DATATYPES:
         raise ProtocolError(f"inputs[{index}] needs a 'name' and a 'datatype' among {', '.join(DATATYPES)}; got {datatype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(f"inputs[{index}] ({name}) has shape {shape!r}; a shape is a list of non-negative integers")
-    dtype, count = np.dtype(DATATYPES[datatype]), int(np.prod(shape))
-    size = (raw.get("parameters") or {}).get("binary_data_size")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ProtocolError(f"inputs[{index}] ({name}) has shape {shape!r}; a shape is a list of at most {MAX_DIMS} "
+                            "non-negative integers")
+    dtype, count = np.dtype(DATATYPES[datatype]), math.prod(shape)  # Python ints: no overflow
+    size = _parameters(raw, f"inputs[{index}]").get("binary_data_size")
     if size is not None:
-        if size != count * dtype.itemsize or size > len(blob):
-            raise ProtocolError(f"inputs[{index}] ({name}): binary_data_size {size} does not hold {shape} {datatype} "
+        if not isinstance(size, int) or isinstance(size, bool) or size != count * dtype.itemsize or size > len(blob):
+            raise ProtocolError(f"inputs[{index}] ({name}): binary_data_size {size!r} does not hold {shape} {datatype} "
                                 f"({count * dtype.itemsize} bytes) or exceeds the {len(blob)} bytes sent")
-        return Tensor(name, datatype, shape, np.frombuffer(blob[:size], dtype=dtype).reshape(shape)), size
+        array = np.frombuffer(blob[:size], dtype=dtype).reshape(shape)
+        _check_finite(array, index, name)
+        return Tensor(name, datatype, shape, array), size
     if "data" not in raw:
         raise ProtocolError(f"inputs[{index}] ({name}) has neither 'data' nor a binary_data_size parameter")
     try:
         array = np.asarray(raw["data"], dtype=np.float64 if datatype.startswith("FP") else None)
         if array.size != count or not np.isfinite(array.astype(np.float64)).all():
             raise ValueError
-        converted = array.astype(dtype)
-        if not np.array_equal(converted.astype(np.float64), array.astype(np.float64)) and not datatype.startswith("FP"):
+        with np.errstate(over="ignore", invalid="ignore"):
+            converted = array.astype(dtype).reshape(shape)
+        if not np.array_equal(converted.astype(np.float64).ravel(), array.astype(np.float64).ravel()) and not datatype.startswith("FP"):
             raise ValueError  # e.g. 300 or 1.5 sent as UINT8
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise ProtocolError(f"inputs[{index}] ({name}): 'data' does not hold {count} finite {datatype} values for shape {shape}") from None
-    return Tensor(name, datatype, shape, converted.reshape(shape)), 0
+    _check_finite(converted, index, name)
+    return Tensor(name, datatype, shape, converted), 0
+
+
+def _check_finite(array: np.ndarray, index: int, name: str) -> None:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():  # also values beyond float32's range
+        raise ProtocolError(f"inputs[{index}] ({name}) holds NaN or infinite values")
 
 
 def _requested_outputs(raw: Any) -> Optional[List[Tuple[str, Optional[bool]]]]:
@@ -110,7 +136,13 @@ def _requested_outputs(raw: Any) -> Optional[List[Tuple[str, Optional[bool]]]]:
         return None
     if not isinstance(raw, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in raw):
         raise ProtocolError("'outputs' must be a list of objects with a 'name'")
-    return [(o["name"], (o.get("parameters") or {}).get("binary_data")) for o in raw]
+    requested = []
+    for i, output in enumerate(raw):
+        binary = _parameters(output, f"outputs[{i}]").get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise ProtocolError(f"outputs[{i}]: binary_data must be true or false, got {binary!r}")
+        requested.append((output["name"], binary))
+    return requested
 
 
 def encode_response(model_name: str, model_version: str, request: InferRequest,

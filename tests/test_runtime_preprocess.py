@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -45,3 +46,29 @@ def test_undecodable_bytes_are_a_clear_error():
         decode_image(b"not an image", 1, 32)
     with pytest.raises(ImageDecodeError, match="empty image"):
         decode_image(b"", 1, 32)
+
+
+# A JPEG rotated by EXIF whose EXIF has one tag of the wrong type: Pillow's exif_transpose raises
+# struct.error on it (found by fuzzing the decoder).
+BAD_EXIF_JPEG = base64.b64decode(
+    "/9j/4AAQSkZJRgABAQAAAQABAAD/4QBYRXhpZgAATU0AKgAAAAgAAwEDAAIAAAAEY2FtAAESAAMAAAABAAYAAIdpAAQAAAABAAAAMgAAAAAAAZADAAIAAAALAAAARAAAAAAyMDIwOjAxOjAxCAD/2wBDAAgGBgcGBQgHBwcJCQgKDBQNDAsLDBkSEw8UHRofHh0aHBwgJC4nICIsIxwcKDcpLDAxNDQ0Hyc5PTgyPC4zNDL/2wBDAQkJCQwLDBgNDRgyIRwhMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjL/wAARCAAEAAgDASIAAhEBAxEB/8QAHwAAAQUBAQEBAQEAAAAAAAAAAAECAwQFBgcICQoL/8QAtRAAAgEDAwIEAwUFBAQAAAF9AQIDAAQRBRIhMUEGE1FhByJxFDKBkaEII0KxwRVS0fAkM2JyggkKFhcYGRolJicoKSo0NTY3ODk6Q0RFRkdISUpTVFVWV1hZWmNkZWZnaGlqc3R1dnd4eXqDhIWGh4iJipKTlJWWl5iZmqKjpKWmp6ipqrKztLW2t7i5usLDxMXGx8jJytLT1NXW19jZ2uHi4+Tl5ufo6erx8vP09fb3+Pn6/8QAHwEAAwEBAQEBAQEBAQAAAAAAAAECAwQFBgcICQoL/8QAtREAAgECBAQDBAcFBAQAAQJ3AAECAxEEBSExBhJBUQdhcRMiMoEIFEKRobHBCSMzUvAVYnLRChYkNOEl8RcYGRomJygpKjU2Nzg5OkNERUZHSElKU1RVVldYWVpjZGVmZ2hpanN0dXZ3eHl6goOEhYaHiImKkpOUlZaXmJmaoqOkpaanqKmqsrO0tba3uLm6wsPExcbHyMnK0tPU1dbX2Nna4uPk5ebn6Onq8vP09fb3+Pn6/9oADAMBAAIRAxEAPwD5/ooooA//2Q==")
+
+
+def test_damaged_exif_is_a_bad_image_not_a_crash():
+    with pytest.raises(ImageDecodeError, match="cannot decode the image"):
+        decode_image(BAD_EXIF_JPEG, 3, 32)
+
+
+def test_an_extremely_elongated_image_is_refused_before_the_resize():
+    strip = png(np.zeros((1, 40000), dtype=np.uint8))  # 240 bytes; resized it would be 32 x 1,280,000 pixels
+    with pytest.raises(ImageDecodeError, match="too elongated to resize \\(aspect ratio 40000:1\\)"):
+        decode_image(strip, 1, 32, max_pixels=1_000_000)
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped():
+    gradient = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    buf = io.BytesIO()
+    Image.fromarray(gradient).save(buf, format="PNG")  # uint16: mode I;16
+    served = decode_image(buf.getvalue(), 1, 32)[0]
+    assert np.abs(served.astype(int) - np.round(gradient / 257.0)).max() <= 1
+    assert len(np.unique(served)) > 200  # a clipped image would hold two values

@@ -96,7 +96,7 @@ def test_concurrent_requests_are_batched(package_dir):
 
 
 def test_overload_answers_503_with_retry_after_then_recovers(package_dir):
-    app = create_app(package_dir, max_queue=2, max_batch=1, max_wait_ms=0)
+    app = create_app(package_dir, max_queue=2, max_images=2, max_batch=1, max_wait_ms=0)
     with TestClient(app) as c:
         backend_infer = app.state.serving.batcher.infer
 
@@ -237,6 +237,11 @@ def _truncated(fmt: str) -> bytes:
         ("v2 header length past the body", 400, "invalid_request"),
         ("v2 not json", 400, "invalid_request"),
         ("v2 unknown output", 400, "invalid_tensor"),
+        ("v2 parameters not an object", 400, "invalid_request"),
+        ("v2 deeply nested json", 400, "invalid_request"),
+        ("far too many files", 413, "too_large"),
+        ("multipart top_k 0", 422, "invalid_request"),
+        ("deeply nested json", 422, "invalid_request"),
     ],
 )
 def test_bad_input_gets_the_right_4xx_and_the_server_keeps_working(package_dir, kind, status, code):
@@ -271,6 +276,15 @@ def test_bad_input_gets_the_right_4xx_and_the_server_keeps_working(package_dir, 
             "v2 not json": lambda: c.post(f"/v2/models/{name}/infer", content=b"\x00\x01binary junk"),
             "v2 unknown output": lambda: c.post(f"/v2/models/{name}/infer",
                                                 json={"inputs": [tensor], "outputs": [{"name": "features"}]}),
+            "v2 parameters not an object": lambda: c.post(f"/v2/models/{name}/infer",
+                                                          json={"inputs": [{**tensor, "parameters": [1]}]}),
+            "v2 deeply nested json": lambda: c.post(f"/v2/models/{name}/infer", content=b"[" * 50000 + b"]" * 50000),
+            "far too many files": lambda: c.post("/predict", files=[("files", ("x.png", png_bytes(i), "image/png"))
+                                                                    for i in range(9)]),
+            "multipart top_k 0": lambda: c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")},
+                                                data={"top_k": "0"}),
+            "deeply nested json": lambda: c.post("/predict", content=b"[" * 50000 + b"]" * 50000,
+                                                 headers={"content-type": "application/json"}),
         }[kind]
         response = send()
         assert response.status_code == status, response.text
@@ -281,6 +295,26 @@ def test_bad_input_gets_the_right_4xx_and_the_server_keeps_working(package_dir, 
             assert set(body) == {"code", "message"} and body["code"] == code
         ok = c.post("/predict", files={"files": ("x.png", png_bytes(9), "image/png")})
         assert ok.status_code == 200  # still answering correctly
+
+
+def test_a_failing_backend_answers_json_500_and_the_server_keeps_working(package_dir):
+    app = create_app(package_dir)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        name = c.get("/v1/model").json()["name"]
+        real = app.state.serving.batcher.infer
+        app.state.serving.batcher.infer = lambda batch: (_ for _ in ()).throw(RuntimeError("device lost"))
+        broken = c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")})
+        assert broken.status_code == 500 and broken.json()["code"] == "internal_error" and "device lost" in broken.json()["message"]
+        tensor = {"name": "input", "shape": [1, 1, 32, 32], "datatype": "FP32", "data": [0.0] * 1024}
+        v2 = c.post(f"/v2/models/{name}/infer", json={"inputs": [tensor]})
+        assert v2.status_code == 500 and "device lost" in v2.json()["error"]  # readable by tritonclient
+        app.state.serving.batcher.infer = real
+        assert c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")}).status_code == 200
+
+
+def test_a_queue_smaller_than_one_request_is_refused_at_start(package_dir):
+    with pytest.raises(ValueError, match="max_queue=8 is below max_images=64"):
+        create_app(package_dir, max_queue=8)
 
 
 def test_not_ready_until_the_lifespan_ran(package_dir):

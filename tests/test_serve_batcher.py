@@ -104,3 +104,33 @@ def test_one_request_larger_than_a_batch_is_sliced():
 
     sizes, result = run(scenario())
     assert sizes == [4, 4, 2] and np.array_equal(result[:, 0], np.arange(20).reshape(10, 2).sum(1))
+
+
+def test_a_batch_runs_at_once_when_the_next_request_cannot_fit():
+    async def scenario():
+        backend = Recorder()
+        batcher = DynamicBatcher(backend, max_batch=4, max_wait_ms=2000, max_queue=64)  # a long wait to fill
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.ensure_future(batcher.submit(np.zeros((3, 2)), 5.0))
+        second = asyncio.ensure_future(batcher.submit(np.zeros((3, 2)), 5.0))
+        await first
+        elapsed = loop.time() - started
+        await second  # waits to fill, then runs alone
+        await batcher.close()
+        return backend.sizes, elapsed
+
+    sizes, elapsed = run(scenario())
+    assert sizes == [3, 3] and elapsed < 1.0  # 3 + 3 > 4: the first batch did not wait the 2 s to fill
+
+
+def test_an_empty_request_gets_an_empty_answer():
+    async def scenario():
+        batcher = DynamicBatcher(Recorder(), max_batch=4, max_wait_ms=0, max_queue=8)
+        batcher.start()
+        result = await batcher.submit(np.zeros((0, 2)), 5.0)
+        await batcher.close()
+        return result
+
+    assert run(scenario()).shape[0] == 0

@@ -61,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
         "port": args.port, "workers": args.workers, "threads": args.threads, "providers": args.providers,
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue, "api_key": args.api_key}.items() if v is not None}
-    settings = ServeSettings(**given)
+    try:
+        settings = ServeSettings(**given)
+    except ValueError as exc:  # pydantic's ValidationError: one line per wrong setting
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"msg": str(exc), "loc": ()}
+        where = ".".join(map(str, first.get("loc", ()))) or "settings"
+        raise CSKDError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
     if not settings.model_dir:
         raise CSKDError("no model package given: pass MODEL_DIR or set CSKD_SERVE_MODEL_DIR")
     package = read_package(settings.model_dir)  # fail in one line before uvicorn starts

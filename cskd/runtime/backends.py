@@ -177,4 +177,4 @@ def _openvino(folder: Path, package: ModelPackage, options: BackendOptions) -> B
 def _tensorrt(folder: Path, package: ModelPackage, options: BackendOptions) -> Backend:
     if package.engine_format != "trt":
         raise CSKDError(f"{folder} holds an ONNX model; export with --format trt for the tensorrt backend")
-    return TensorRTBackend(folder / package.engine, package)
+    return TensorRTBackend(folder / package.engine, package, options.device_id)

@@ -26,7 +26,8 @@ class ImageDecodeError(CSKDError):
     """The bytes are not a decodable image (or exceed the pixel limit)."""
 
 
-def resize_and_crop(image: Image.Image, size: int, resize: str = "bicubic", crop_pct: float = 1.0) -> Image.Image:
+def resize_and_crop(image: Image.Image, size: int, resize: str = "bicubic", crop_pct: float = 1.0,
+                    max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Shorter side to ``floor(size / crop_pct)`` (aspect kept), then the centre ``size`` x ``size``:
     torchvision's ``Resize(int)`` and ``CenterCrop`` as timm's eval transform chains them."""
     width, height = image.size
@@ -35,6 +36,9 @@ def resize_and_crop(image: Image.Image, size: int, resize: str = "bicubic", crop
         target = (short_target, int(short_target * height / width))
     else:
         target = (int(short_target * width / height), short_target)
+    if target[0] * target[1] > max_pixels:  # a 1 x 40000 strip would become gigapixels before the crop
+        raise ImageDecodeError(f"an image of {width}x{height} pixels is too elongated to resize (aspect ratio "
+                               f"{max(width, height) / min(width, height):.0f}:1); send a less elongated image")
     if target != (width, height):
         image = image.resize(target, _RESAMPLE.get(resize, Image.BICUBIC))
         width, height = target
@@ -54,14 +58,27 @@ def decode_image(data: bytes, channels: int, size: int, resize: str = "bicubic",
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
-            image = ImageOps.exif_transpose(image)
-            image = resize_and_crop(image.convert("L" if channels == 1 else "RGB"), size, resize, crop_pct)
+            image = to_8_bit(ImageOps.exif_transpose(image))
+            image = resize_and_crop(image.convert("L" if channels == 1 else "RGB"), size, resize, crop_pct, max_pixels)
             array = np.asarray(image, dtype=np.uint8)
     except ImageDecodeError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"cannot decode the image ({exc}); send a PNG, JPEG, BMP, GIF or WebP file") from None
+    except Exception as exc:  # Pillow raises many types for damaged files (OSError, SyntaxError, struct.error...)
+        raise ImageDecodeError(f"cannot decode the image ({type(exc).__name__}: {exc}); send a PNG, JPEG, BMP, GIF or "
+                               "WebP file") from None
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greyscale images scaled to 8 bits (Pillow's own conversion would clip them)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "F":  # floating point: assume [0, 1] when it fits there, else [0, 255]
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if array.size and array.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.round(array * scale), 0, 255).astype(np.uint8), mode="L")
+    return image
 
 
 def to_engine_input(batch: np.ndarray, dtype: str, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -95,9 +95,11 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, engine_path: Path, package: Optional[ModelPackage] = None) -> None:
+    def __init__(self, engine_path: Path, package: Optional[ModelPackage] = None, device_id: int = 0) -> None:
         require_tensorrt()
         self.torch = require_cuda()
+        self.device = self.torch.device("cuda", device_id)
+        self.torch.cuda.set_device(self.device)  # TensorRT builds its context on the current device
         if package is not None and package.build.get("tensorrt"):
             check_engine_compatible(package.build["tensorrt"], device_facts(), engine_path)
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -119,7 +121,7 @@ class TensorRTBackend:
         low, _, high = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.batch_range: Tuple[int, int] = (int(low[0]), int(high[0]))
         self.input_shape = tuple(int(d) for d in high[1:])
-        self.stream = self.torch.cuda.Stream()
+        self.stream = self.torch.cuda.Stream(device=self.device)
 
     def _check(self, batch: np.ndarray) -> None:
         low, high = self.batch_range
@@ -135,14 +137,14 @@ class TensorRTBackend:
         torch = self.torch
         self._check(batch)
         with torch.cuda.stream(self.stream):
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to("cuda", non_blocking=True)
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
             if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
                 raise RuntimeError(f"TensorRT refused input shape {tuple(x.shape)}")
             buffers = {self.input_name: x}
             for name in self.outputs:
                 shape = dims(self.context.get_tensor_shape(name))
                 dtype = getattr(torch, np.dtype(_numpy_dtype(self.engine.get_tensor_dtype(name))).name)
-                buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
+                buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
             for name, tensor in buffers.items():
                 if not self.context.set_tensor_address(name, tensor.data_ptr()):
                     raise RuntimeError(f"TensorRT refused the address of tensor {name!r}")

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from cskd import __version__
@@ -98,8 +99,12 @@ _INFER_BODY = {"requestBody": {"required": True, "description": "v2 inference re
 @models.post("/{name}/versions/{version}/infer", summary="v2 inference (one version)", openapi_extra=_INFER_BODY,
              responses={**_MODEL_ERRORS, 400: {"description": "invalid request"}, 413: {"description": "too many images"}})
 async def infer(request: Request, serving: Model) -> Response:
+    body = await request.body()
     try:
-        parsed = parse_request(await request.body(), request.headers.get(HEADER))
+        if len(body) > 64 * 1024:  # big JSON tensors take a while to parse: not on the event loop
+            parsed = await run_in_threadpool(parse_request, body, request.headers.get(HEADER))
+        else:
+            parsed = parse_request(body, request.headers.get(HEADER))
     except ProtocolError as exc:
         raise bad_request(str(exc)) from None
     rows = _input_rows(parsed.inputs, serving)

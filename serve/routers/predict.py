@@ -74,7 +74,10 @@ async def _read_images(request: Request, serving: Serving) -> tuple[List[bytes],
         except APIError:
             raise
         except Exception as exc:  # malformed multipart, too many parts
-            raise invalid(f"cannot parse the multipart body: {getattr(exc, 'detail', exc)}") from None
+            detail = str(getattr(exc, "detail", exc))
+            if "Too many files" in detail:
+                raise too_large(f"more than {limit} images in one request; the limit is {limit}") from None
+            raise invalid(f"cannot parse the multipart body: {detail}") from None
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         if len(files) > limit:
             raise too_large(f"{len(files)} images in one request; the limit is {limit}")
@@ -83,14 +86,15 @@ async def _read_images(request: Request, serving: Serving) -> tuple[List[bytes],
         raw_k = form.get("top_k")
         top_k = None
         if isinstance(raw_k, str):
-            if not raw_k.strip().isdigit():
+            text = raw_k.strip()
+            if not (text.isascii() and text.isdigit()):
                 raise invalid(f"top_k must be a positive integer, got {raw_k!r}")
-            top_k = int(raw_k)
+            top_k = int(text)
         return [await f.read() for f in files], top_k
     if content_type.startswith("application/json"):
         try:
             body = PredictRequest.model_validate(json.loads(await request.body()))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise invalid(f"body is not valid JSON: {exc}") from None
         except ValidationError as exc:
             first = exc.errors()[0]
@@ -108,7 +112,7 @@ async def _read_images(request: Request, serving: Serving) -> tuple[List[bytes],
 async def predict(request: Request, serving: Annotated[Serving, Depends(get_serving)],
                   top_k: Annotated[Optional[int], Query(ge=1, description="labels per image (default 5)")] = None) -> Response:
     images, body_k = await _read_images(request, serving)
-    k = top_k or body_k or 5
+    k = next((value for value in (top_k, body_k) if value is not None), 5)
     if not 1 <= k <= serving.settings.max_top_k:
         raise invalid(f"top_k must be between 1 and {serving.settings.max_top_k}, got {k}")
     logits = await serving.classify(images)
