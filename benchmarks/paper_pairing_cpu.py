@@ -2,8 +2,8 @@
 
 Random weights (latency does not depend on them), so the packages are latency-only: no parity
 gate and no top-1. Builds fp32 and int8 packages with cskd's own export functions (int8 calibrated
-on random pixels, which is fine for speed and meaningless for accuracy), then runs `cskd bench`'s
-measurement with --eval-images 0.
+on random pixels, which is fine for speed and meaningless for accuracy), the student's on each of
+onnxruntime and OpenVINO, then runs `cskd bench`'s measurement with --eval-images 0.
 
     python benchmarks/paper_pairing_cpu.py --out bench-paper-cpu
 """
@@ -28,7 +28,8 @@ SIZE, CLASSES = 224, 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def package(folder: Path, role: str, name: str, deployable: torch.nn.Module, precision: str) -> Path:
+def package(folder: Path, role: str, name: str, deployable: torch.nn.Module, precision: str,
+            backend: str = "onnxruntime") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     module = DeployModule(deployable, MEAN, STD, uint8_input=False, probabilities=False).eval()
     calibration = lambda: [np.random.default_rng(i).standard_normal((4, 3, SIZE, SIZE)).astype(np.float32) for i in range(4)]
@@ -38,7 +39,7 @@ def package(folder: Path, role: str, name: str, deployable: torch.nn.Module, pre
     built = build_onnx(ctx)
     write_package_json(folder, ModelPackage(
         name=f"{role}-{name}", role=role, architecture=name, engine=built.engine, engine_format="onnx",
-        precision=precision, fused=role == "student",
+        precision=precision, fused=role == "student", backend=backend,
         input=InputSpec("input", "float32", "NCHW", 3, SIZE, list(MEAN), list(STD), "bicubic"),
         outputs=["logits"], classes=[str(i) for i in range(CLASSES)], build=built.build,
         gate={"enabled": False, "warning": "random weights: latency-only package, no parity gate"}, files=built.files))
@@ -51,14 +52,15 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"], help="student runtimes")
     args = parser.parse_args()
     torch.manual_seed(0)
     student = fuse_heads(create_student("deit_tiny_distilled_patch16_224", CLASSES, SIZE, 16).eval())
     teacher = create_teacher("regnety_160", CLASSES).model.eval()
     packages = Path(tempfile.mkdtemp(prefix="cskd-paper-"))  # hundreds of MB: never beside the results
     teacher_pkg = package(packages / "teacher-fp32", "teacher", "regnety_160", teacher, "fp32")
-    students = [package(packages / f"student-{p}", "student", "deit_tiny_distilled_patch16_224", student, p)
-                for p in ("fp32", "int8")]
+    students = [package(packages / f"student-{p}-{b}", "student", "deit_tiny_distilled_patch16_224", student, p, b)
+                for b in args.backends for p in ("fp32", "int8")]
     result = run_bench(students, teacher_pkg, BenchOptions(batch_sizes=args.batch_sizes, rounds=args.rounds,
                                                            iters=args.iters, warmup=2, eval_images=0, out=args.out))
     shutil.rmtree(packages, ignore_errors=True)

@@ -38,6 +38,21 @@ def quick_overrides(tmp_path, **extra) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def micro_teacher(tmp_path_factory) -> list[str]:
+    """Overrides for a random-weight micro ResNet teacher with the demo teacher's 4x4 grid at a tenth
+    of its cost: what the cache's mechanics (shards, resume, ranks) are tested with."""
+    from safetensors.torch import save_file
+
+    from cskd.models import create_teacher
+
+    torch.manual_seed(0)
+    model = create_teacher("cskd_resnet_micro", 10, 1, output_stride=8).model
+    path = tmp_path_factory.mktemp("teacher") / "micro.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return ["teacher.model=cskd_resnet_micro", f"teacher.checkpoint={path}", "teacher.kwargs={output_stride: 8}"]
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A demo-architecture student distilled for 3 epochs on 3,000 images (about 20 s on 2 cores)."""
     from cskd.config import load_config

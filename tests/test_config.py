@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cskd.config import Config, load_config, parse_override, save_config
+from cskd.config import Config, load_config, packaged_config, parse_override, save_config
 from cskd.errors import CSKDError
+from cskd.train import scaled_lr
 
 
 def test_packaged_demo_config_loads_and_overrides_win(tmp_path):
@@ -67,3 +68,32 @@ def test_missing_or_invalid_config_file(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(CSKDError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["demo", "teacher-demo", "cskd-deit-ti", "cskd-deit-s", "cskd-deit-b"])
+def test_every_packaged_config_loads_by_name(name, tmp_path):
+    overrides = ["data.path=" + str(tmp_path)] if name.startswith("cskd-deit") else []
+    overrides += ["teacher.checkpoint=" + str(tmp_path / "w.pth")] if name.startswith("cskd-deit") else []
+    cfg = load_config(name, overrides)
+    assert cfg.to_dict() == load_config(packaged_config(name), overrides).to_dict()
+
+
+# The official CSKD configs (github.com/Zzzzz1/CSKD, configs/cskd_*.py) give the global batch and the
+# learning rate directly; the presets express them per process on 8 processes with DeiT's scaling.
+@pytest.mark.parametrize(
+    "name, student, global_batch, official_lr",
+    [
+        ("cskd-deit-ti", "deit_tiny_distilled_patch16_224", 1024, 1e-3),
+        ("cskd-deit-s", "deit_small_distilled_patch16_224", 512, 5e-4),
+        ("cskd-deit-b", "deit_base_distilled_patch16_224", 256, 2.5e-4),
+    ],
+)
+def test_paper_presets_reproduce_the_official_recipe(name, student, global_batch, official_lr, tmp_path):
+    cfg = load_config(name, ["data.path=" + str(tmp_path), "teacher.checkpoint=" + str(tmp_path / "w.pth")])
+    assert cfg.student.model == student and cfg.teacher.model == "regnety_160"
+    assert cfg.train.batch_size * 8 == global_batch
+    assert scaled_lr(cfg, world_size=8) == pytest.approx(official_lr)
+    assert (cfg.train.epochs, cfg.train.warmup_epochs, cfg.student.drop_path) == (300, 5, 0.0)
+    assert (cfg.data.mixup, cfg.data.cutmix, cfg.data.reprob, cfg.data.repeated_aug) == (0.8, 1.0, 0.25, 3)
+    assert (cfg.loss.deit_type, cfg.loss.cskd_type, cfg.loss.alpha, cfg.loss.cskd_weight) == ("hard", "hard", 0.5, 1.0)
+    assert (cfg.loss.decay, cfg.loss.ckf_progress) == ("linear", "epoch")

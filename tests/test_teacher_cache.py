@@ -20,14 +20,17 @@ from cskd.teachers import cache_teacher
 from cskd.train import train
 from tests.conftest import quick_overrides
 
-SMALL = ["data.workers=0"]
+
+@pytest.fixture
+def build(micro_teacher):
+    """``build(out, shard_size)``: cache the micro teacher over the embedded training split."""
+    def run(out, shard_size=4096, **kwargs):
+        cfg = load_config(None, ["data.workers=0", *micro_teacher])
+        return cache_teacher(cfg, out, shard_size=shard_size, show_progress=False, **kwargs)
+    return run
 
 
-def build(out, shard_size=4096, **kwargs):
-    return cache_teacher(load_config(None, SMALL), out, shard_size=shard_size, show_progress=False, **kwargs)
-
-
-def test_manifest_and_shards_describe_the_teacher_and_data(tmp_path):
+def test_manifest_and_shards_describe_the_teacher_and_data(tmp_path, build):
     manifest = build(tmp_path / "c", shard_size=3000)
     data = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert data["complete"] and data["grid"] == [4, 4] and data["num_classes"] == 10 and data["topk"] is None
@@ -49,7 +52,7 @@ def test_topk_keeps_the_largest_logits_and_their_order():
     assert torch.allclose(full.masked_fill(kept, float("inf")).amin(1, keepdim=True), fifth - MISSING_LOGIT_GAP)
 
 
-def test_an_interrupted_cache_resumes_with_the_missing_shards_only(tmp_path, monkeypatch):
+def test_an_interrupted_cache_resumes_with_the_missing_shards_only(tmp_path, monkeypatch, build):
     out = tmp_path / "c"
     real = cskd.teachers.write_cache
     calls = []
@@ -79,7 +82,7 @@ def test_an_interrupted_cache_resumes_with_the_missing_shards_only(tmp_path, mon
         assert np.array_equal(np.load(shard_paths(out, s)[0]), np.load(shard_paths(tmp_path / "ref", s)[0]))
 
 
-def test_a_cache_of_another_teacher_or_data_is_refused(tmp_path):
+def test_a_cache_of_another_teacher_or_data_is_refused(tmp_path, build):
     build(tmp_path / "c")
     cache = TeacherCache(tmp_path / "c")
     with pytest.raises(CSKDError, match=r"teacher_sha256 is .* the run needs 'abc'\); rebuild it with `cskd cache-teacher`"):
@@ -92,31 +95,31 @@ def test_a_cache_of_another_teacher_or_data_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_from_the_cache_never_runs_the_teacher(tmp_path, monkeypatch):
+def test_training_from_the_cache_never_runs_the_teacher(tmp_path, monkeypatch, build, micro_teacher):
     build(tmp_path / "c")
     monkeypatch.setattr(cskd.teachers, "load_teacher", lambda *a, **k: pytest.fail("the teacher ran"))
-    cfg = load_config(None, quick_overrides(tmp_path, **{"teacher.cache": str(tmp_path / "c")}))
+    cfg = load_config(None, [*quick_overrides(tmp_path, **{"teacher.cache": str(tmp_path / "c")}), *micro_teacher])
     result = train(cfg, show_progress=False)
     assert result.final["loss_cskd"] > 0 and result.final["loss_deit"] > 0
 
 
 @pytest.mark.slow
-def test_training_refuses_a_stale_cache(tmp_path):
+def test_training_refuses_a_stale_cache(tmp_path, build, micro_teacher):
     build(tmp_path / "c")
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     manifest["teacher"]["sha256"] = "f" * 64  # as if made by another teacher
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
-    cfg = load_config(None, quick_overrides(tmp_path, **{"teacher.cache": str(tmp_path / "c")}))
+    cfg = load_config(None, [*quick_overrides(tmp_path, **{"teacher.cache": str(tmp_path / "c")}), *micro_teacher])
     with pytest.raises(CSKDError, match="does not match this run .*teacher_sha256"):
         train(cfg, show_progress=False)
 
 
 @pytest.mark.slow
-def test_torchrun_ranks_write_their_own_shards_and_match_one_process(tmp_path):
+def test_torchrun_ranks_write_their_own_shards_and_match_one_process(tmp_path, build, micro_teacher):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531", "-m", "cskd",
-         "cache-teacher", "--out", str(tmp_path / "ddp"), "--shard-size", "2500", "--no-progress", "data.workers=0"],
+         "cache-teacher", "--out", str(tmp_path / "ddp"), "--shard-size", "2500", "--no-progress", "data.workers=0", *micro_teacher],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = build(tmp_path / "one", shard_size=2500)

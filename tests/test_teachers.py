@@ -3,7 +3,6 @@ the online teacher's when nothing moves."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -13,8 +12,9 @@ from cskd.data.datasets import build_dataset
 from cskd.data.mixing import MixRecord, RecordingMixup
 from cskd.data.samples import Indexed
 from cskd.data.transforms import train_transform
+from cskd.run import resolve_cache_reference
 from cskd.teacher_cache import TeacherCache
-from cskd.teachers import CachedTeacher, box_coverage, cache_teacher, crop_maps, load_teacher, mix_maps
+from cskd.teachers import CachedTeacher, box_coverage, crop_maps, load_teacher, mix_maps
 
 torch.manual_seed(0)
 MAPS = torch.randn(3, 5, 4, 4)
@@ -82,17 +82,9 @@ def test_recording_mixup_records_what_it_did_to_the_images():
     assert torch.equal(mixed, expected) and record.size == (32, 32)
 
 
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    """The packaged demo teacher over the embedded training split."""
-    out = tmp_path_factory.mktemp("cache") / "demo"
+def test_without_augmentation_the_packaged_cache_equals_the_online_teacher():
+    """The shipped demo cache against the shipped demo teacher run online: fp16 rounding apart."""
     cfg = load_config(None, ["data.workers=0"])
-    cache_teacher(cfg, out, show_progress=False)
-    return cfg, out
-
-
-def test_without_augmentation_cached_targets_equal_the_online_teachers(demo_cache):
-    cfg, out = demo_cache
     d = cfg.data
     transform = train_transform(32, 1, None, [1.0, 1.0], 0.0, 0.0, d.interpolation, 0.0)  # whole image, no flip
     dataset, info = build_dataset("fashion-mnist-demo", "train", transform=transform)
@@ -100,7 +92,7 @@ def test_without_augmentation_cached_targets_equal_the_online_teachers(demo_cach
                                             generator=torch.Generator().manual_seed(0))))
     assert torch.allclose(batch["box"], torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(64, 4))
     online_dense, online_global = load_teacher(cfg, info, torch.device("cpu"))(images)
-    cached_dense, cached_global = CachedTeacher(TeacherCache(out))(images, batch)
+    cached_dense, cached_global = CachedTeacher(TeacherCache(resolve_cache_reference(cfg.teacher.cache)))(images, batch)
     scale = online_dense.abs().max()
     assert (cached_dense - online_dense).abs().max() < 2e-3 * scale  # fp16 storage
     assert (cached_global - online_global).abs().max() < 2e-3 * scale

@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 
 import cskd.engine
 from cskd.config import load_config
+from cskd.distributed import DistEnv
 from cskd.errors import CSKDError
 from cskd.files import file_sha256
 from cskd.models import create_teacher
 from cskd.run import RunDir
 from cskd.tasks import load_trained
-from cskd.train import train
+from cskd.train import train, train_sampler
 from tests.conftest import quick_overrides
 
 # No randomness from augmentation, so runs compare exactly.
@@ -146,3 +147,21 @@ def test_a_deit_run_predicts_with_the_heads_it_trained(tmp_path):
     with torch.no_grad():
         out = trained.model.forward_heads(x)
         assert torch.allclose(trained.model(x), (out.cls + out.dist) / 2, atol=1e-6)
+
+
+def test_repeated_augmentation_spreads_each_image_over_the_processes():
+    """DeiT's RASampler with 3 repeats on 3 processes: each process sees the same images in an epoch
+    (each under its own augmentation), an epoch keeps the dataset's length per world, and the order
+    changes with the epoch; without repeats every image is seen exactly once per epoch."""
+    dataset = list(range(512))
+    cfg = load_config(None, ["data.repeated_aug=3"])
+    samplers = [train_sampler(dataset, cfg, DistEnv(rank, 3, rank, torch.device("cpu"))) for rank in range(3)]
+    per_rank = [list(s) for s in samplers]
+    assert [len(r) for r in per_rank] == [512 // 3] * 3
+    assert per_rank[0] == per_rank[1] == per_rank[2]
+    samplers[0].set_epoch(1)
+    assert list(samplers[0]) != per_rank[0]
+
+    plain = load_config(None, ["data.repeated_aug=0"])
+    once = [train_sampler(dataset, plain, DistEnv(rank, 2, rank, torch.device("cpu"))) for rank in range(2)]
+    assert sorted(list(once[0]) + list(once[1])) == dataset
