@@ -34,4 +34,4 @@ run() {  # name, extra serve flags...
 }
 run batch1 --max-batch 1 --max-wait-ms 0 --max-queue 1024
 run batched --max-batch 32 --max-wait-ms 2 --max-queue 1024
-python3 "$here/serve_load_report.py" --report "$out" batch1 batched
+python3 "$here/serve_load_report.py" --report "$out" batch1 batched --model "$model"

@@ -2,7 +2,7 @@
 
     python benchmarks/serve_load_report.py --make-bodies OUT          # OUT/image.png, OUT/multipart.body
     python benchmarks/serve_load_report.py --snapshot PID URL          # CPU seconds, RSS, /metrics (JSON)
-    python benchmarks/serve_load_report.py --report OUT NAME...        # table + OUT/serve_load.json
+    python benchmarks/serve_load_report.py --report OUT NAME... --model DIR   # table + OUT/serve_load.json
 
 CPU outside inference per request = (server CPU seconds - inference CPU seconds) / requests, where
 inference CPU is the backend's wall time from the server's own metrics times the CPU it keeps busy
@@ -59,7 +59,27 @@ def parse_hey(text: str) -> dict:
             "errors": len(re.findall(r"Error distribution", text))}
 
 
-def report(out: Path, names: list) -> None:
+def cpu_per_wall(model: Path, batch: int, seconds: float = 3.0) -> float:
+    """CPU seconds the backend keeps busy per second of a call at ``batch`` (its threads), measured
+    on the now idle machine with the serving backend's own defaults."""
+    import time
+
+    import numpy as np
+
+    from cskd.runtime.backends import create_backend
+
+    backend, package = create_backend(model)
+    shape = (batch, package.input.channels, package.input.size, package.input.size)
+    images = np.zeros(shape, dtype=np.uint8 if package.input.dtype == "uint8" else np.float32)
+    for _ in range(10):
+        backend.infer(images)
+    wall, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
+        backend.infer(images)
+    return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+
+def report(out: Path, names: list, model: Path) -> None:
     rows = {}
     for name in names:
         before, after = (json.loads((out / f"{name}.{when}.json").read_text()) for when in ("before", "after"))
@@ -71,14 +91,18 @@ def report(out: Path, names: list) -> None:
                       "inference_wall_ms_per_request": 1000 * delta["cskd_inference_duration_seconds_sum"] / requests,
                       "mean_batch": delta["cskd_batch_size_images_sum"] / calls,
                       "rss_kb": [before["rss_kb"], after["rss_kb"]]}
+        r = rows[name]
+        r["inference_cpu_per_wall"] = cpu_per_wall(model, max(1, round(r["mean_batch"])))
+        r["cpu_outside_inference_ms_per_request"] = (r["server_cpu_ms_per_request"]
+                                                     - r["inference_wall_ms_per_request"] * r["inference_cpu_per_wall"])
     first = rows[names[0]]["requests_per_s"]
     print(f"{'setting':<9} {'req/s':>8} {'x':>6} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7} {'batch':>6} "
-          f"{'CPU ms/req':>10} {'infer ms/req':>12}")
+          f"{'CPU ms/req':>10} {'infer ms/req':>12} {'outside ms/req':>14}")
     for name, r in rows.items():
         r["speedup"] = r["requests_per_s"] / first
         print(f"{name:<9} {r['requests_per_s']:>8.1f} {r['speedup']:>5.2f}x {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
               f"{r['non_2xx']:>7} {r['mean_batch']:>6.1f} {r['server_cpu_ms_per_request']:>10.2f} "
-              f"{r['inference_wall_ms_per_request']:>12.2f}")
+              f"{r['inference_wall_ms_per_request']:>12.2f} {r['cpu_outside_inference_ms_per_request']:>14.2f}")
     (out / "serve_load.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"wrote {out / 'serve_load.json'}")
 
@@ -88,13 +112,16 @@ def main() -> None:
     parser.add_argument("--make-bodies", type=Path)
     parser.add_argument("--snapshot", nargs=2, metavar=("PID", "URL"))
     parser.add_argument("--report", nargs="+", metavar=("OUT", "NAME"))
+    parser.add_argument("--model", type=Path, help="--report: the package served (to measure its CPU per call)")
     args = parser.parse_args()
     if args.make_bodies:
         make_bodies(args.make_bodies)
     elif args.snapshot:
         print(json.dumps(snapshot(int(args.snapshot[0]), args.snapshot[1])))
     elif args.report:
-        report(Path(args.report[0]), args.report[1:])
+        if args.model is None:
+            parser.error("--report needs --model DIR (the package that was served)")
+        report(Path(args.report[0]), args.report[1:], args.model)
     else:
         parser.error("give --make-bodies, --snapshot or --report")
         sys.exit(2)
