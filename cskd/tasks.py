@@ -45,6 +45,10 @@ class Task:
     def img_size(self, cfg: "Config") -> int:
         raise NotImplementedError
 
+    def drop_path(self, cfg: "Config") -> float:
+        """The stochastic-depth rate this task's network trains with."""
+        raise NotImplementedError
+
     def spec(self, cfg: "Config", info: "DatasetInfo") -> ModelSpec:
         raise NotImplementedError
 
@@ -91,6 +95,9 @@ class StudentTask(Task):
 
     def img_size(self, cfg: "Config") -> int:
         return cfg.student.img_size
+
+    def drop_path(self, cfg: "Config") -> float:
+        return cfg.student.drop_path
 
     def spec(self, cfg: "Config", info: "DatasetInfo") -> ModelSpec:
         s, loss = cfg.student, cfg.loss
@@ -142,6 +149,9 @@ class TeacherTask(Task):
 
     def img_size(self, cfg: "Config") -> int:
         return cfg.teacher.img_size or cfg.student.img_size
+
+    def drop_path(self, cfg: "Config") -> float:
+        return cfg.teacher.drop_path
 
     def spec(self, cfg: "Config", info: "DatasetInfo") -> ModelSpec:
         t = cfg.teacher

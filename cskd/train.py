@@ -170,8 +170,7 @@ def build_session(cfg: Config, env: DistEnv, resume: bool) -> Session:
     seed_everything(cfg.train.seed)
     loaders = build_loaders(cfg, env, task.img_size(cfg))
     spec = task.spec(cfg, loaders.info)
-    drop_path = cfg.student.drop_path if task.name == "student" else cfg.teacher.drop_path
-    model = task.build(spec, drop_path).to(env.device)
+    model = task.build(spec, task.drop_path(cfg)).to(env.device)
     teacher = build_teacher_targets(cfg, loaders.info, loaders.train_split, env.device) if task.distils(cfg) else None
     mixup = build_mixup(cfg.data, cfg.train.batch_size, loaders.info.num_classes)
     optimizer = create_optimizer_v2(model, opt=cfg.train.opt, lr=scaled_lr(cfg, env.world_size), weight_decay=cfg.train.weight_decay)
