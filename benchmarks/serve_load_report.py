@@ -59,18 +59,16 @@ def parse_hey(text: str) -> dict:
             "errors": len(re.findall(r"Error distribution", text))}
 
 
-def cpu_per_wall(model: Path, batch: int, seconds: float = 3.0) -> float:
-    """CPU seconds the backend keeps busy per second of a call at ``batch`` (its threads), measured
-    on the now idle machine with the serving backend's own defaults."""
+def cpu_per_wall(backend, spec, batch: int, seconds: float = 3.0) -> float:
+    """CPU seconds ``backend`` keeps busy per second of a call at ``batch`` (its threads), measured on
+    the now idle machine with the serving backend's own defaults."""
     import time
 
     import numpy as np
 
-    from cskd.runtime.backends import create_backend
+    from cskd.runtime.preprocess import to_engine_input
 
-    backend, package = create_backend(model)
-    shape = (batch, package.input.channels, package.input.size, package.input.size)
-    images = np.zeros(shape, dtype=np.uint8 if package.input.dtype == "uint8" else np.float32)
+    images = to_engine_input(np.zeros((batch, spec.channels, spec.size, spec.size), np.uint8), spec.dtype, spec.mean, spec.std)
     for _ in range(10):
         backend.infer(images)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -80,6 +78,9 @@ def cpu_per_wall(model: Path, batch: int, seconds: float = 3.0) -> float:
 
 
 def report(out: Path, names: list, model: Path) -> None:
+    from cskd.runtime.backends import create_backend
+
+    backend, package = create_backend(model)
     rows = {}
     for name in names:
         before, after = (json.loads((out / f"{name}.{when}.json").read_text()) for when in ("before", "after"))
@@ -92,7 +93,7 @@ def report(out: Path, names: list, model: Path) -> None:
                       "mean_batch": delta["cskd_batch_size_images_sum"] / calls,
                       "rss_kb": [before["rss_kb"], after["rss_kb"]]}
         r = rows[name]
-        r["inference_cpu_per_wall"] = cpu_per_wall(model, max(1, round(r["mean_batch"])))
+        r["inference_cpu_per_wall"] = cpu_per_wall(backend, package.input, max(1, round(r["mean_batch"])))
         r["cpu_outside_inference_ms_per_request"] = (r["server_cpu_ms_per_request"]
                                                      - r["inference_wall_ms_per_request"] * r["inference_cpu_per_wall"])
     first = rows[names[0]]["requests_per_s"]

@@ -41,15 +41,17 @@ def quick_overrides(tmp_path, **extra) -> list[str]:
 def micro_teacher(tmp_path_factory) -> list[str]:
     """Overrides for a random-weight micro ResNet teacher with the demo teacher's 4x4 grid at a tenth
     of its cost: what the cache's mechanics (shards, resume, ranks) are tested with."""
-    from safetensors.torch import save_file
-
+    from cskd.checkpoint import ModelSpec, save_weights
+    from cskd.data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
     from cskd.models import create_teacher
 
     torch.manual_seed(0)
-    model = create_teacher("cskd_resnet_micro", 10, 1, output_stride=8).model
+    kwargs = {"output_stride": 8}
+    model = create_teacher("cskd_resnet_micro", 10, 1, **kwargs).model
+    spec = ModelSpec("teacher", "cskd_resnet_micro", 10, 1, 32, kwargs=kwargs, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
     path = tmp_path_factory.mktemp("teacher") / "micro.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return ["teacher.model=cskd_resnet_micro", f"teacher.checkpoint={path}", "teacher.kwargs={output_stride: 8}"]
+    save_weights(path, model.state_dict(), spec)
+    return ["teacher.model=cskd_resnet_micro", f"teacher.checkpoint={path}"]
 
 
 @pytest.fixture(scope="session")

@@ -72,8 +72,8 @@ def test_missing_or_invalid_config_file(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo", "teacher-demo", "cskd-deit-ti", "cskd-deit-s", "cskd-deit-b"])
 def test_every_packaged_config_loads_by_name(name, tmp_path):
-    overrides = ["data.path=" + str(tmp_path)] if name.startswith("cskd-deit") else []
-    overrides += ["teacher.checkpoint=" + str(tmp_path / "w.pth")] if name.startswith("cskd-deit") else []
+    paper = ["data.path=" + str(tmp_path), "teacher.checkpoint=" + str(tmp_path / "w.pth")]  # the user supplies these
+    overrides = paper if name.startswith("cskd-deit") else []
     cfg = load_config(name, overrides)
     assert cfg.to_dict() == load_config(packaged_config(name), overrides).to_dict()
 
