@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from cskd.errors import CSKDError
 from cskd.evaluate import ModelInput, real_images
 from cskd.files import atomic_write_json
 from cskd.plots import plot_bench
+from cskd.progress import progress
 from cskd.runtime.backends import Backend, BackendOptions, create_backend, run_batched
 from cskd.runtime.package import ModelPackage
 from cskd.runtime.preprocess import to_engine_input
@@ -162,7 +162,7 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
     for entry in entries:
         entry.top1 = accuracy(entry, images, labels) if labels is not None else None
     total = options.rounds * len(options.batch_sizes) * len(entries)
-    with tqdm(total=total, desc="bench", unit="run", leave=False) as bar:
+    with progress(total, "bench", "run") as bar:
         measure(entries, feeds, options, bar)
     result = summarize(entries, options)
     result.update({

@@ -8,7 +8,6 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from cskd.checkpoint import ModelSpec, resolve_checkpoint
 from cskd.data.datasets import build_dataset
@@ -18,6 +17,7 @@ from cskd.distributed import DistEnv, pick_device
 from cskd.engine import Normalization, evaluate
 from cskd.errors import CSKDError
 from cskd.files import atomic_write_json
+from cskd.progress import progress
 from cskd.run import RunDir
 from cskd.tasks import load_trained
 
@@ -78,7 +78,7 @@ def run_eval(
     trained.model.to(env.device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     norm = Normalization(trained.spec.mean, trained.spec.std)
-    with tqdm(total=len(loader), desc=f"eval {trained.path.name}", unit="batch", leave=False, disable=not show_progress) as bar:
+    with progress(len(loader), f"eval {trained.path.name}", "batch", show_progress) as bar:
         result = evaluate(trained.model, trained.task.head_logits, loader, norm, env, progress_bar=bar)
     return {
         "checkpoint": str(trained.path),

@@ -23,11 +23,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from cskd import __version__
 from cskd.errors import CSKDError
 from cskd.files import atomic_write, atomic_write_json
+from cskd.progress import progress
 
 CACHE_FORMAT = "cskd-teacher-cache-1"
 MANIFEST = "manifest.json"
@@ -155,7 +155,7 @@ def write_cache(folder: Path, manifest: CacheManifest, dataset, teacher_fn, rank
     """
     mine = [s for s in range(manifest.shards) if s % world_size == rank and not shard_paths(folder, s)[0].is_file()]
     todo = sum(min(manifest.shard_size, manifest.count - s * manifest.shard_size) for s in mine)
-    with tqdm(total=todo, desc="teacher cache", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
+    with progress(todo, "teacher cache", "img", show_progress, leave=True) as bar:
         for shard in mine:
             start = shard * manifest.shard_size
             rows = Subset(dataset, range(start, min(start + manifest.shard_size, manifest.count)))

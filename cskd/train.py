@@ -23,7 +23,6 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from tqdm import tqdm
 
 from cskd import pairing
 from cskd.checkpoint import ModelSpec, load_state, save_state, save_weights
@@ -36,6 +35,7 @@ from cskd.distributed import DistEnv, barrier, init_distributed, shutdown
 from cskd.engine import Normalization, StepContext, amp_dtype, evaluate, train_one_epoch
 from cskd.errors import CSKDError
 from cskd.plots import plot_curves
+from cskd.progress import progress
 from cskd.run import RunDir
 from cskd.tasks import Task, get_task, unwrap
 from cskd.teachers import build_teacher_targets, teacher_network
@@ -290,8 +290,7 @@ def run_epoch(session: Session, epoch: int, show_progress: bool) -> Dict[str, An
     ctx, total_steps = session.ctx, session.cfg.train.epochs * session.steps_per_epoch
     seed_everything(epoch_seed(session.cfg.train.seed, epoch) + session.env.rank)
     session.loaders.train.sampler.set_epoch(epoch)
-    with tqdm(total=session.steps_per_epoch, desc=f"epoch {epoch + 1}/{session.cfg.train.epochs}", unit="step",
-              leave=False, dynamic_ncols=True, disable=not show_progress) as bar:
+    with progress(session.steps_per_epoch, f"epoch {epoch + 1}/{session.cfg.train.epochs}", "step", show_progress) as bar:
         train_metrics = train_one_epoch(ctx, session.loaders.train, epoch, session.steps_per_epoch, total_steps, bar)
     evaluated = ctx.ema.module if ctx.ema is not None else session.model
     val = evaluate(evaluated, session.task.head_logits, session.loaders.val, ctx.model_norm, session.env, ctx.amp_dtype)

@@ -167,3 +167,15 @@ def test_repeated_augmentation_spreads_each_image_over_the_processes():
     plain = load_config(None, ["data.repeated_aug=0"])
     once = [train_sampler(dataset, plain, DistEnv(rank, 2, rank, torch.device("cpu"))) for rank in range(2)]
     assert sorted(list(once[0]) + list(once[1])) == dataset
+
+
+SUPERVISED = {"loss.deit_type": "none", "loss.cskd_type": "none"}  # no teacher, no pairing report: seconds a run
+
+
+@pytest.mark.slow
+def test_training_off_a_terminal_logs_a_line_per_epoch_not_bar_frames(tmp_path, capsys):
+    cfg = load_config(None, quick_overrides(tmp_path, **SUPERVISED))
+    train(cfg, show_progress=True)  # pytest's captured stderr is not a terminal, like CI or `docker logs`
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line.split(":")[0] for line in err.splitlines()] == ["epoch 1/2", "epoch 2/2"]
