@@ -234,8 +234,9 @@ class MainProcess(Quiet):
 
     def start(self, session: Session, resume: bool) -> None:
         cfg, run = session.cfg, session.run
-        if resume:
-            run.truncate_metrics(session.start_epoch)
+        # Rows past the resume state are of an epoch a crash cut short, redone now (on a fresh start:
+        # of a run killed before its first state was saved).
+        run.truncate_metrics(session.start_epoch)
         run.save_config(cfg)
         kd = f"deit={cfg.loss.deit_type} cskd={cfg.loss.cskd_type} decay={cfg.loss.decay}" if session.task.distils(cfg) else "supervised"
         info = session.loaders.info
@@ -253,13 +254,14 @@ class MainProcess(Quiet):
 
     def epoch_done(self, session: Session, epoch: int, metrics: Dict[str, Any], is_best: bool) -> None:
         run, info = session.run, {"epoch": epoch + 1, "val_top1": metrics[f"val_top1_{session.task.primary_head}"]}
-        # State first: a crash between the writes leaves last.safetensors one epoch behind, never ahead.
-        save_state(run.state, session.state_dict(epoch))
+        # The resume state last: it is what marks the epoch done. A crash before it resumes by redoing
+        # the epoch, which rewrites the same metrics row (the stale one is dropped on resume) and weights.
+        run.append_metrics(metrics)
         weights = session.deployable_weights
         save_weights(run.last, weights, session.spec, info)
         if is_best:
             save_weights(run.best, weights, session.spec, info)
-        run.append_metrics(metrics)
+        save_state(run.state, session.state_dict(epoch))
         print_epoch(metrics, session.task.primary_head, is_best)
 
     def finish(self, session: Session, result: RunResult) -> None:

@@ -172,6 +172,62 @@ def test_repeated_augmentation_spreads_each_image_over_the_processes():
 SUPERVISED = {"loss.deit_type": "none", "loss.cskd_type": "none"}  # no teacher, no pairing report: seconds a run
 
 
+def _kill_after_writes(monkeypatch, count: int) -> None:
+    """Stop the run (as a kill would) at the first write of a run file after ``count`` of them."""
+    done = {"n": 0}
+
+    def counted(write):
+        def wrapper(*args, **kwargs):
+            if done["n"] == count:
+                raise KeyboardInterrupt
+            done["n"] += 1
+            return write(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(cskd.train, "save_weights", counted(cskd.train.save_weights))
+    monkeypatch.setattr(cskd.train, "save_state", counted(cskd.train.save_state))
+    monkeypatch.setattr(RunDir, "append_metrics", counted(RunDir.append_metrics))
+
+
+def _weights_and_epoch(path):
+    from cskd.checkpoint import load_weights
+
+    tensors, _, info = load_weights(path)
+    return tensors, info["epoch"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("written", [1, 2, 3], ids=["after-1-write", "after-2-writes", "after-3-writes"])
+def test_a_kill_between_the_epochs_writes_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, written):
+    # both epochs are best here, so each writes 4 files (metrics row, last, best, resume state)
+    extra = {**SUPERVISED, "train.lr": 0.1}
+    reference = run(tmp_path, "reference", **extra)
+    assert reference.best_epoch == 2, "premise: epoch 2 improves on epoch 1, so it writes best.safetensors"
+    _kill_after_writes(monkeypatch, 4 + written)  # in the middle of epoch 2's writes
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "killed", **extra)
+    monkeypatch.undo()
+    resumed = train(load_config(tmp_path / "killed" / "config.yaml"), resume=True, show_progress=False)
+    assert resumed.best_epoch == reference.best_epoch == 2
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in rows]  # noqa: E731
+    assert strip(RunDir(resumed.run_dir).metrics()) == strip(RunDir(reference.run_dir).metrics())  # each epoch once
+    for name in ("best.safetensors", "last.safetensors"):
+        (a, a_epoch), (b, b_epoch) = _weights_and_epoch(reference.run_dir / name), _weights_and_epoch(resumed.run_dir / name)
+        assert a_epoch == b_epoch == 2 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_state_starts_again_without_its_rows(tmp_path, monkeypatch):
+    _kill_after_writes(monkeypatch, 1)  # epoch 1's metrics row is written, its state never is
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, **SUPERVISED, **{"train.epochs": 1})
+    monkeypatch.undo()
+    assert len(RunDir(tmp_path / "run").metrics()) == 1
+    run(tmp_path, **SUPERVISED, **{"train.epochs": 1})  # no state: a fresh start in the same folder
+    assert [r["epoch"] for r in RunDir(tmp_path / "run").metrics()] == [1]
+
+
+
 @pytest.mark.slow
 def test_training_off_a_terminal_logs_a_line_per_epoch_not_bar_frames(tmp_path, capsys):
     cfg = load_config(None, quick_overrides(tmp_path, **SUPERVISED))
