@@ -2,7 +2,7 @@
 
 A cskd checkpoint is a ``.safetensors`` file whose metadata holds a :class:`ModelSpec` (what to
 build, how to feed it, the class names), so ``cskd eval`` and ``cskd export`` need nothing else.
-Optimizer, scheduler and EMA state for ``--resume`` sit beside it in ``<name>.state.pt``
+Optimizer, scaler and EMA state for ``--resume`` sit beside it in ``<name>.state.pt``
 (tensors and plain containers only, loaded with ``weights_only=True``). Rebuilding a network from
 a spec is the task's job (:mod:`cskd.tasks`); the rest of a run directory is :mod:`cskd.run`'s.
 """

@@ -5,7 +5,7 @@ RUN/config.yaml          the resolved configuration (rerun with --config)
 RUN/metrics.jsonl        one JSON object per epoch
 RUN/best.safetensors     deployable weights with their spec (best validation top-1)
 RUN/last.safetensors     the same after the last finished epoch
-RUN/last.state.pt        optimizer, scheduler, scaler and EMA state for --resume
+RUN/last.state.pt        optimizer, scaler and EMA state for --resume (written last each epoch)
 RUN/curves.png           the curves of metrics.jsonl
 ```
 

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -133,10 +133,18 @@ class Session:
     start_epoch: int = 0
     best_top1: float = -1.0
     best_epoch: int = -1
+    resumed_schedule: Optional[Dict[str, int]] = None  # the schedule the resumed state was saved under
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.loaders.train)
+
+    @property
+    def schedule(self) -> Dict[str, int]:
+        """What the LR schedule and CKF progress are laid out by (saved with the state, compared on resume)."""
+        cfg = self.cfg.train
+        return {"epochs": cfg.epochs, "steps_per_epoch": self.steps_per_epoch, "batch_size": cfg.batch_size,
+                "world_size": self.env.world_size, "train_images": len(self.loaders.train.dataset)}
 
     @property
     def deployable_weights(self) -> Dict[str, torch.Tensor]:
@@ -145,21 +153,25 @@ class Session:
 
     def state_dict(self, epoch: int) -> Dict[str, Any]:
         ctx = self.ctx
-        return {"epoch": epoch, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+        # No scheduler state: the schedule is a function of the config and the step, rebuilt on resume
+        # (timm's load_state_dict would bring back the old run's length and base LR with it).
+        return {"epoch": epoch, "best_top1": self.best_top1, "best_epoch": self.best_epoch, "schedule": self.schedule,
                 "model": unwrap(self.model).state_dict(), "optimizer": ctx.optimizer.state_dict(),
-                "scheduler": ctx.scheduler.state_dict(), "scaler": ctx.scaler.state_dict() if ctx.scaler else None,
+                "scaler": ctx.scaler.state_dict() if ctx.scaler else None,
                 "ema": ctx.ema.state_dict() if ctx.ema is not None else None}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         ctx = self.ctx
         self.model.load_state_dict(state["model"])
         ctx.optimizer.load_state_dict(state["optimizer"])
-        ctx.scheduler.load_state_dict(state["scheduler"])
         if ctx.scaler is not None and state.get("scaler"):
             ctx.scaler.load_state_dict(state["scaler"])
         if ctx.ema is not None and state.get("ema"):
             ctx.ema.load_state_dict(state["ema"])
         self.start_epoch, self.best_top1, self.best_epoch = state["epoch"] + 1, state["best_top1"], state["best_epoch"]
+        self.resumed_schedule = state.get("schedule")  # absent in states written before it was saved
+        # The optimizer came back with the old schedule's LR: set this schedule's at the resume point.
+        ctx.scheduler.step_update(num_updates=self.start_epoch * self.steps_per_epoch)
 
 
 def build_session(cfg: Config, env: DistEnv, resume: bool) -> Session:
@@ -249,6 +261,11 @@ class MainProcess(Quiet):
         print(f"  device {session.env.device} x{session.env.world_size}, {session.steps_per_epoch} steps/epoch, "
               f"lr {scaled_lr(cfg, session.env.world_size):.2e}, run dir {run.path}"
               + (f", resuming at epoch {session.start_epoch + 1}" if resume else ""))
+        changes = schedule_changes(session.resumed_schedule, session.schedule) if session.resumed_schedule else []
+        if changes:
+            lr = session.ctx.optimizer.param_groups[0]["lr"]
+            print(f"  resumed with {', '.join(changes)}: the LR cosine and CKF continue from epoch {session.start_epoch} "
+                  f"of {cfg.train.epochs} on the new schedule (lr now {lr:.2e})")
         if session.task.distils(cfg):
             print("\n".join(report.lines()), flush=True)
 
@@ -273,6 +290,13 @@ class MainProcess(Quiet):
               f"at epoch {result.best_epoch}")
         print(f"  weights {session.run.best}, curves {session.run.curves}")
         print(f"  next: cskd eval {session.run.path}")
+
+
+def schedule_changes(old: Dict[str, int], new: Dict[str, int]) -> List[str]:
+    """``"name old -> new"`` for each value of the schedule that differs on resume."""
+    names = {"epochs": "train.epochs", "batch_size": "train.batch_size", "world_size": "world size",
+             "train_images": "training images", "steps_per_epoch": "steps/epoch"}
+    return [f"{names[k]} {old[k]} -> {new[k]}" for k in names if k in old and old[k] != new[k]]
 
 
 def print_epoch(metrics: Dict[str, Any], head: str, is_best: bool) -> None:

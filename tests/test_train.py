@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from timm.scheduler import create_scheduler_v2
 
 import cskd.engine
 from cskd.config import load_config
@@ -172,6 +173,39 @@ def test_repeated_augmentation_spreads_each_image_over_the_processes():
 SUPERVISED = {"loss.deit_type": "none", "loss.cskd_type": "none"}  # no teacher, no pairing report: seconds a run
 
 
+def cosine_end_of_epoch_lrs(epochs: int, steps_per_epoch: int, batch_size: int, cfg) -> list[float]:
+    """The LR after each epoch of timm's cosine built afresh for ``epochs`` (what a run planned that
+    long from the start follows), at ``train.lr`` scaled to the batch as DeiT does."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.train.lr * batch_size / 512)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=0, min_lr=cfg.train.min_lr,
+                                       warmup_lr=cfg.train.warmup_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    lrs = []
+    for epoch in range(epochs):
+        scheduler.step_update(num_updates=(epoch + 1) * steps_per_epoch)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [32, 16], ids=["same-batch", "half-batch"])
+def test_a_longer_resume_follows_the_cosine_over_the_new_total(tmp_path, capsys, batch_size):
+    first = run(tmp_path, **SUPERVISED)  # 2 epochs of 8 steps at batch 32
+    cfg = load_config(first.run_dir / "config.yaml", ["train.epochs=4", f"train.batch_size={batch_size}"])
+    train(cfg, resume=True, show_progress=False)
+    rows = RunDir(first.run_dir).metrics()
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    lrs = [r["lr"] for r in rows]
+    assert lrs[:2] == pytest.approx(cosine_end_of_epoch_lrs(2, 8, 32, cfg), rel=1e-9)
+    # epochs 3 and 4 at the new total's cosine (with the new batch: more steps, linearly scaled LR), not min_lr
+    steps = 256 // batch_size
+    assert lrs[2:] == pytest.approx(cosine_end_of_epoch_lrs(4, steps, batch_size, cfg)[2:], rel=1e-9)
+    assert lrs[2] > 10 * cfg.train.min_lr
+    assert [r["ckf_ratio"] for r in rows] == pytest.approx([0.5, 0.0, 0.25, 0.0])  # linear CKF over the new total
+    out = capsys.readouterr().out
+    assert "train.epochs 2 -> 4" in out
+    assert ("train.batch_size 32 -> 16, steps/epoch 8 -> 16" in out) == (batch_size == 16)
+
+
 def _kill_after_writes(monkeypatch, count: int) -> None:
     """Stop the run (as a kill would) at the first write of a run file after ``count`` of them."""
     done = {"n": 0}
@@ -225,7 +259,6 @@ def test_a_run_killed_before_its_first_state_starts_again_without_its_rows(tmp_p
     assert len(RunDir(tmp_path / "run").metrics()) == 1
     run(tmp_path, **SUPERVISED, **{"train.epochs": 1})  # no state: a fresh start in the same folder
     assert [r["epoch"] for r in RunDir(tmp_path / "run").metrics()] == [1]
-
 
 
 @pytest.mark.slow
