@@ -4,7 +4,8 @@
 CACHE/manifest.json        what the maps are of: teacher (checkpoint hash), data set (fingerprint),
                            image size, teacher grid, classes, top-k, shard layout, completeness
 CACHE/shard-00000.npy      float16 [n, K or k, H, W]: the logits (all classes, or the k largest per cell)
-CACHE/shard-00000.idx.npy  int16 [n, k, H, W]: their class indices (top-k caches only)
+CACHE/shard-00000.idx.npy  int16 [n, k, H, W]: their class indices (top-k caches only; int32 above
+                           32,768 classes)
 ```
 
 Shards are written atomically and independently, so a killed run resumes where it stopped, and
@@ -80,6 +81,28 @@ class CacheManifest:
         atomic_write_json(Path(folder) / MANIFEST, asdict(self))
 
 
+def index_dtype(num_classes: int) -> np.dtype:
+    """The smallest integer type that holds every class index ``0 .. num_classes - 1`` (int16 keeps
+    top-k shards small; a 40,000-class teacher needs int32, in int16 its indices would wrap)."""
+    for dtype in (np.int16, np.int32):
+        if num_classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise CSKDError(f"a top-k teacher cache indexes at most {np.iinfo(np.int32).max + 1} classes, this teacher has "
+                    f"{num_classes}; train with the teacher online (drop teacher.cache)")
+
+
+def storage_topk(num_classes: int, topk: Optional[int]) -> Optional[int]:
+    """How many classes per cell a cache of ``num_classes`` stores (None: all), refusing what cannot be
+    stored; checked before the teacher runs, not after a pass over the data."""
+    if topk is None and num_classes > ALL_CLASSES_UP_TO:
+        topk = DEFAULT_TOPK
+    if topk is not None and not 1 <= topk < num_classes:
+        raise CSKDError(f"--topk {topk} must be between 1 and {num_classes - 1}; omit it to store every class")
+    if topk is not None:
+        index_dtype(num_classes)
+    return topk
+
+
 def shard_paths(folder: Path, shard: int) -> Tuple[Path, Path]:
     return Path(folder) / f"shard-{shard:05d}.npy", Path(folder) / f"shard-{shard:05d}.idx.npy"
 
@@ -93,11 +116,12 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def compress(maps: torch.Tensor, topk: Optional[int]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Dense logits ``[n, K, H, W]`` -> float16 values (and int16 class indices for a top-k cache)."""
+    """Dense logits ``[n, K, H, W]`` -> float16 values (and, for a top-k cache, class indices in
+    :func:`index_dtype` of K; :func:`expand` reads back whichever integer type is stored)."""
     if topk is None:
         return maps.to(torch.float16).cpu().numpy(), None
     values, indices = maps.topk(topk, dim=1)
-    return values.to(torch.float16).cpu().numpy(), indices.to(torch.int16).cpu().numpy()
+    return values.to(torch.float16).cpu().numpy(), indices.cpu().numpy().astype(index_dtype(maps.shape[1]))
 
 
 def expand(values: torch.Tensor, indices: Optional[torch.Tensor], num_classes: int) -> torch.Tensor:

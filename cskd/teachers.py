@@ -37,7 +37,7 @@ from cskd.errors import CSKDError
 from cskd.files import file_sha256
 from cskd.models import DenseTeacher, create_teacher
 from cskd.run import resolve_cache_reference, resolve_teacher_reference
-from cskd.teacher_cache import ALL_CLASSES_UP_TO, DEFAULT_TOPK, CacheManifest, TeacherCache, missing_shards, write_cache
+from cskd.teacher_cache import CacheManifest, TeacherCache, missing_shards, storage_topk, write_cache
 
 TeacherOutputs = Tuple[torch.Tensor, torch.Tensor]
 
@@ -182,6 +182,7 @@ def cache_teacher(cfg: Config, out: Path, topk: Optional[int] = None, shard_size
     try:
         out = Path(out)
         _, info = build_dataset(cfg.data.name, "val", cfg.data.path, cfg.data.channels)
+        topk = storage_topk(info.num_classes, topk)  # before the teacher loads: what cannot be stored is refused now
         transform = eval_transform(cfg.student.img_size, info.channels, cfg.data.interpolation)
         dataset, _ = build_dataset(cfg.data.name, "train", cfg.data.path, cfg.data.channels, transform)
         teacher = load_teacher(cfg, info, env.device)
@@ -210,10 +211,6 @@ def _new_manifest(cfg: Config, info: DatasetInfo, dataset: Dataset, teacher: Loa
                   shard_size: int) -> CacheManifest:
     probe = torch.zeros(1, info.channels, cfg.student.img_size, cfg.student.img_size, device=next(teacher.model.parameters()).device)
     grid = tuple(teacher(probe)[0].shape[-2:])
-    if topk is None and info.num_classes > ALL_CLASSES_UP_TO:
-        topk = DEFAULT_TOPK
-    if topk is not None and not 1 <= topk < info.num_classes:
-        raise CSKDError(f"--topk {topk} must be between 1 and {info.num_classes - 1}; omit it to store every class")
     return CacheManifest(
         teacher=teacher.identity(),
         data={"name": cfg.data.name, "path": cfg.data.path, "split": "train", "count": len(dataset),

@@ -15,7 +15,7 @@ import torch
 import cskd.teachers
 from cskd.config import load_config
 from cskd.errors import CSKDError
-from cskd.teacher_cache import MISSING_LOGIT_GAP, CacheManifest, TeacherCache, compress, expand, shard_paths
+from cskd.teacher_cache import MISSING_LOGIT_GAP, CacheManifest, TeacherCache, compress, expand, index_dtype, shard_paths, write_cache
 from cskd.teachers import cache_teacher
 from cskd.train import train
 from tests.conftest import quick_overrides
@@ -50,6 +50,37 @@ def test_topk_keeps_the_largest_logits_and_their_order():
     assert torch.allclose(full[kept], maps[kept].half().float())
     fifth = maps.topk(5, dim=1).values[:, -1:].half().float()
     assert torch.allclose(full.masked_fill(kept, float("inf")).amin(1, keepdim=True), fifth - MISSING_LOGIT_GAP)
+
+
+def test_topk_indices_of_40000_classes_keep_their_classes_through_the_shards(tmp_path):
+    """Above 32,768 classes int16 indices would wrap (scatter_ fails, or classes alias above 65,536):
+    the cache stores int32 and reads back whichever type it finds."""
+    maps = torch.randn(3, 40_000, 2, 2)
+    maps[:, 39_999, 0, 0] += 100.0  # the top class of a cell is far above int16's range
+    manifest = CacheManifest(teacher={"sha256": "x", "model": "fake"}, data={"count": 3, "fingerprint": "x"},
+                             image_size=8, grid=(2, 2), num_classes=40_000, topk=5, shard_size=2)
+    rows = [(torch.tensor(i), 0) for i in range(3)]  # each "image" is its row: the fake teacher looks its logits up
+    write_cache(tmp_path, manifest, rows, lambda index: maps[index], workers=0, show_progress=False)
+    manifest.complete = True
+    manifest.write(tmp_path)
+    full = TeacherCache(tmp_path).maps(torch.arange(3))
+    assert torch.equal(full.argmax(1), maps.argmax(1)) and (full.argmax(1)[:, 0, 0] == 39_999).all()
+    kept = torch.zeros_like(maps, dtype=torch.bool).scatter_(1, maps.topk(5, dim=1).indices, True)
+    assert torch.allclose(full[kept], maps[kept].half().float())
+    assert np.load(shard_paths(tmp_path, 0)[1]).dtype == np.int32
+
+
+def test_the_index_type_follows_the_class_count():
+    assert index_dtype(32_768) == np.int16 and index_dtype(32_769) == np.int32 and index_dtype(70_000) == np.int32
+    with pytest.raises(CSKDError, match="at most 2147483648 classes, this teacher has 2147483649"):
+        index_dtype(2**31 + 1)
+
+
+def test_what_cannot_be_stored_is_refused_before_the_teacher_runs(tmp_path, monkeypatch, micro_teacher):
+    monkeypatch.setattr(cskd.teachers, "load_teacher", lambda *a, **k: pytest.fail("the teacher ran"))
+    cfg = load_config(None, ["data.workers=0", *micro_teacher])
+    with pytest.raises(CSKDError, match="--topk 10 must be between 1 and 9"):
+        cache_teacher(cfg, tmp_path / "c", topk=10, show_progress=False)
 
 
 def test_an_interrupted_cache_resumes_with_the_missing_shards_only(tmp_path, monkeypatch, build):
