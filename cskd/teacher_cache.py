@@ -8,6 +8,8 @@ CACHE/shard-00000.idx.npy  int16 [n, k, H, W]: their class indices (top-k caches
                            32,768 classes)
 ```
 
+Each map is the teacher's view of the WHOLE image resized to ``image_size`` x ``image_size``
+(aspect ratio not kept, nothing cropped), the coordinates training crop boxes are recorded in.
 Shards are written atomically and independently, so a killed run resumes where it stopped, and
 under torchrun each rank writes its own shards. Shards are memory-mapped when read. Training
 refuses a cache whose teacher, data, image size or classes differ from the run's.
@@ -30,7 +32,9 @@ from cskd.errors import CSKDError
 from cskd.files import atomic_write, atomic_write_json
 from cskd.progress import progress
 
-CACHE_FORMAT = "cskd-teacher-cache-1"
+# 2: maps of the whole image squashed to a square (1: of its centre crop, misaligned with the crop
+# boxes on non-square images).
+CACHE_FORMAT = "cskd-teacher-cache-2"
 MANIFEST = "manifest.json"
 ALL_CLASSES_UP_TO = 64  # store every class when there are at most this many, else the top-k per cell
 DEFAULT_TOPK = 10
@@ -41,7 +45,7 @@ MISSING_LOGIT_GAP = 10.0  # classes outside the stored top-k sit this far below 
 class CacheManifest:
     teacher: Dict[str, Any]  # model, checkpoint, sha256, kwargs, mean, std
     data: Dict[str, Any]  # name, split, count, fingerprint
-    image_size: int  # the teacher saw each whole image at this size
+    image_size: int  # the teacher saw each whole image resized (squashed) to this size
     grid: Tuple[int, int]  # the teacher's feature map (H, W)
     num_classes: int
     topk: Optional[int]  # None: every class stored

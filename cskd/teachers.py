@@ -1,8 +1,9 @@
 """The teacher a student run distils from: run online on every batch, or read from a cache.
 
 Both give ``(dense [N,K,H,W], global [N,K])`` logits for a batch of augmented images. The cached
-teacher never runs: each image's stored map (the teacher on the whole image) follows the image's
-augmentation instead:
+teacher never runs: each image's stored map (the teacher on the whole image, squashed to a square,
+so that map and crop box share the whole image's coordinates) follows the image's augmentation
+instead:
 
 * random-resized crop: RoIAlign of the crop box onto the teacher's grid (``torchvision.ops.roi_align``,
   aligned, adaptive sampling: an identity box reproduces the map exactly, a 2:1 box averages cells);
@@ -31,7 +32,7 @@ from cskd.checkpoint import ModelSpec, read_spec, resolve_checkpoint
 from cskd.config import Config
 from cskd.data.datasets import DatasetInfo, build_dataset, fingerprint
 from cskd.data.mixing import MixRecord
-from cskd.data.transforms import eval_transform, normalize
+from cskd.data.transforms import normalize, whole_image_transform
 from cskd.distributed import barrier, init_distributed, shutdown
 from cskd.errors import CSKDError
 from cskd.files import file_sha256
@@ -176,14 +177,15 @@ def build_teacher_targets(cfg: Config, info: DatasetInfo, train_set: Dataset, de
 
 def cache_teacher(cfg: Config, out: Path, topk: Optional[int] = None, shard_size: int = 4096, batch_size: int = 256,
                   device: str = "auto", show_progress: bool = True) -> CacheManifest:
-    """Run ``cfg``'s teacher once over its training split (whole images at ``student.img_size``) and
-    store the dense maps in ``out``; resumes an interrupted cache, parallel under torchrun."""
+    """Run ``cfg``'s teacher once over its training split (whole images squashed to ``student.img_size``
+    square, see :func:`~cskd.data.transforms.whole_image_transform`) and store the dense maps in
+    ``out``; resumes an interrupted cache, parallel under torchrun."""
     env = init_distributed(device)
     try:
         out = Path(out)
         _, info = build_dataset(cfg.data.name, "val", cfg.data.path, cfg.data.channels)
         topk = storage_topk(info.num_classes, topk)  # before the teacher loads: what cannot be stored is refused now
-        transform = eval_transform(cfg.student.img_size, info.channels, cfg.data.interpolation)
+        transform = whole_image_transform(cfg.student.img_size, info.channels, cfg.data.interpolation)
         dataset, _ = build_dataset(cfg.data.name, "train", cfg.data.path, cfg.data.channels, transform)
         teacher = load_teacher(cfg, info, env.device)
         manifest = _new_manifest(cfg, info, dataset, teacher, topk, shard_size)

@@ -79,3 +79,18 @@ def val_images(count: int, size: int = 32):
     items = [dataset[i * step] for i in range(count)]
     images = np.stack([(x.numpy() * 255).round().astype(np.uint8) for x, _ in items])
     return images, np.array([y for _, y in items])
+
+
+def write_imagefolder(root, sizes, classes: int = 10, suffix: str = "png", seed: int = 0) -> None:
+    """``root/{train,val}/c<i>/a.<suffix>``: one random grayscale image per class, class ``i`` of size
+    ``sizes[i % len(sizes)]`` as (width, height); ten classes fit the micro teacher."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for cls in range(classes):
+            width, height = sizes[cls % len(sizes)]
+            folder = root / split / f"c{cls}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8), mode="L").save(folder / f"a.{suffix}")

@@ -14,7 +14,8 @@ from cskd.data.samples import Indexed
 from cskd.data.transforms import train_transform
 from cskd.run import resolve_cache_reference
 from cskd.teacher_cache import TeacherCache
-from cskd.teachers import CachedTeacher, box_coverage, crop_maps, load_teacher, mix_maps
+from cskd.teachers import CachedTeacher, box_coverage, build_teacher_targets, cache_teacher, crop_maps, load_teacher, mix_maps
+from tests.conftest import write_imagefolder
 
 torch.manual_seed(0)
 MAPS = torch.randn(3, 5, 4, 4)
@@ -95,4 +96,24 @@ def test_without_augmentation_the_packaged_cache_equals_the_online_teacher():
     cached_dense, cached_global = CachedTeacher(TeacherCache(resolve_cache_reference(cfg.teacher.cache)))(images, batch)
     scale = online_dense.abs().max()
     assert (cached_dense - online_dense).abs().max() < 2e-3 * scale  # fp16 storage
+    assert (cached_global - online_global).abs().max() < 2e-3 * scale
+
+
+def test_cached_targets_of_non_square_images_equal_the_online_teachers(tmp_path, micro_teacher):
+    """40x30 and 30x48 images: the cache maps the whole image, the coordinates the crop box is recorded
+    in, so a crop of the whole image gets the online teacher's targets (float16 rounding apart: a
+    centre-crop cache would give the teacher's view of the central square instead)."""
+    write_imagefolder(tmp_path / "data", [(40, 30), (30, 48)])
+    cfg = load_config(None, ["data.name=imagefolder", f"data.path={tmp_path / 'data'}", "data.channels=1",
+                             "data.workers=0", f"teacher.cache={tmp_path / 'cache'}", *micro_teacher])
+    cache_teacher(cfg, tmp_path / "cache", show_progress=False)
+    transform = train_transform(32, 1, None, [1.0, 1.0], 0.0, 0.0, cfg.data.interpolation, 0.0)
+    transform.crop_flip.crop.ratio = (0.5, 2.0)  # both aspect ratios allowed: the crop is the whole image
+    dataset, info = build_dataset("imagefolder", "train", cfg.data.path, 1, transform)
+    images, _, batch = next(iter(DataLoader(Indexed(dataset), batch_size=len(dataset))))
+    assert torch.allclose(batch["box"], torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(len(dataset), 4))
+    online_dense, online_global = load_teacher(cfg, info, torch.device("cpu"))(images)
+    cached_dense, cached_global = build_teacher_targets(cfg, info, dataset, torch.device("cpu"))(images, batch)
+    scale = online_dense.abs().max()
+    assert (cached_dense - online_dense).abs().max() < 2e-3 * scale  # float16 storage
     assert (cached_global - online_global).abs().max() < 2e-3 * scale

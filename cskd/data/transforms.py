@@ -79,12 +79,28 @@ def train_transform(
     return TrainTransform(RecordedCropFlip(crop, hflip), pixels, final)
 
 
-def eval_transform(img_size: int, channels: int, interpolation: str = "bicubic", crop_pct: float = 1.0) -> Callable:
-    """Resize the shorter side to ``img_size / crop_pct``, centre-crop ``img_size`` (timm's eval transform)."""
+def eval_transform(img_size: int, channels: int, interpolation: str = "bicubic", crop_pct: float = 1.0,
+                   crop_mode: str = "center") -> Callable:
+    """Resize the shorter side to ``img_size / crop_pct``, centre-crop ``img_size`` (timm's eval transform);
+    ``crop_mode="squash"`` resizes each side to ``img_size / crop_pct`` instead (aspect ratio not kept)."""
     identity = dict(mean=(0.0,) * channels, std=(1.0,) * channels)
     return create_transform(
-        input_size=(channels, img_size, img_size), is_training=False, crop_pct=crop_pct, interpolation=interpolation, **identity
+        input_size=(channels, img_size, img_size), is_training=False, crop_pct=crop_pct, crop_mode=crop_mode,
+        interpolation=interpolation, **identity,
     )
+
+
+def whole_image_transform(img_size: int, channels: int, interpolation: str = "bicubic") -> Callable:
+    """The whole image resized to ``img_size`` x ``img_size``, nothing cropped: what a teacher cache is made of.
+
+    Training crops (:class:`RecordedCropFlip`) may take any part of the image and record their box
+    in [0, 1] coordinates of the whole image, so the cached map must cover the whole image too. A
+    centre crop would cover only the central square of a non-square image, and every box would
+    land on the wrong cells. Squashing is exact where it matters: a box of the squashed image,
+    resized to the student's square, is the same pixels as the box of the original image resized
+    to it (both are per-axis scalings), which is what the training crop does.
+    """
+    return eval_transform(img_size, channels, interpolation, crop_pct=1.0, crop_mode="squash")
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
