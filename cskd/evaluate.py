@@ -56,10 +56,10 @@ def evaluation_dataset(checkpoint: Path, model: ModelInput, split: str, data_nam
 
 
 def real_images(checkpoint: Path, model: ModelInput, split: str, count: int, data: Optional[str] = None,
-                data_path: Optional[str] = None, offset: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+                data_path: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
     """``count`` images of the run's data set as uint8 ``[N, C, H, W]`` at the model's size, with
-    labels; another ``offset`` picks other images."""
-    return sample_images(evaluation_dataset(checkpoint, model, split, data, data_path)[0], count, offset)
+    labels (the first of :func:`~cskd.data.samples.sample_order`)."""
+    return sample_images(evaluation_dataset(checkpoint, model, split, data, data_path)[0], count)
 
 
 def run_eval(

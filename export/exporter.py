@@ -17,11 +17,13 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
+from torch.utils.data import Dataset
 
 from cskd import __version__
 from cskd.checkpoint import resolve_checkpoint
+from cskd.data.samples import sample_images
 from cskd.errors import CSKDError
-from cskd.evaluate import ModelInput, real_images
+from cskd.evaluate import ModelInput, evaluation_dataset, real_images
 from cskd.export.formats import BuildContext, BuiltEngine, check_export_args
 from cskd.export.onnx_export import metadata_for
 from cskd.export.parity import DEFAULT_THRESHOLDS, ParityReport, compare
@@ -107,15 +109,19 @@ def _build_context(stage: Path, module: DeployModule, trained: Trained, options:
                    feed: Callable, cache_dir: Path, log: Callable) -> BuildContext:
     spec = trained.spec
 
+    def training_split() -> Dataset:
+        return evaluation_dataset(trained.path, ModelInput.of_spec(spec), "train", options.data, options.data_path)[0]
+
     def calibration() -> List[np.ndarray]:
-        images, _ = real_images(trained.path, ModelInput.of_spec(spec), "train", options.calib_images, options.data,
-                                options.data_path)
+        images, _ = sample_images(training_split(), options.calib_images)
         return [feed(images[i : i + 32]) for i in range(0, len(images), 32)]
 
     def tuning() -> Tuning:
-        # training images the calibration did not take (another offset), judged against the fp32 model
-        images, labels = real_images(trained.path, ModelInput.of_spec(spec), "train", options.tuning_images, options.data,
-                                     options.data_path, offset=1)
+        # the images after the calibration's in the split's one sample order: none of them calibrated;
+        # judged against the fp32 model
+        split = training_split()
+        count = tuning_count(len(split), options.calib_images, options.tuning_images, log)
+        images, labels = sample_images(split, count, skip=options.calib_images)
         inputs = feed(images)
         with torch.inference_mode():
             reference = run_batched(lambda x: _logits(module(torch.from_numpy(x))).numpy(), inputs, 64)
@@ -128,6 +134,18 @@ def _build_context(stage: Path, module: DeployModule, trained: Trained, options:
                         metadata, calibration, tuning if options.tuning_images > 0 else None, spec.in_chans, spec.img_size,
                         options.max_batch, cache_dir, log,
                         name=package_name(spec), engine=options.engine)
+
+
+def tuning_count(available: int, calib_images: int, tuning_images: int, log: Callable[[str], None]) -> int:
+    """How many int8 tuning images a training split of ``available`` holds beside the calibration's:
+    what remains when it is too small for both (said in the log), an error when nothing does."""
+    left = available - calib_images
+    if left <= 0:
+        raise CSKDError(f"int8: the training split has {available} images, all taken by calibration (--calib-images "
+                        f"{calib_images}), none left to tune on; lower --calib-images or pass --tuning-images 0")
+    if left < tuning_images:
+        log(f"int8: the training split has {available} images; tuning on the {left} the calibration left, not {tuning_images}")
+    return min(left, tuning_images)
 
 
 def package_name(spec) -> str:

@@ -93,3 +93,51 @@ def test_without_tuning_images_the_recipe_is_used_as_it_is(outlier_model, tmp_pa
     facts = quantize_int8(folder / "fp32.onnx", tmp_path / "int8.onnx", calibration, None, log=lambda _: None)
     assert facts["calibration"] == "percentile-99.99" and facts["attempts"] == []
     assert np.isfinite(agreement(tmp_path / "int8.onnx", outlier_model[2]))
+
+
+class Numbered(torch.utils.data.Dataset):
+    """Image i carries i in its two pixels (and as its label), so a sample names its images."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int):
+        return torch.tensor([[[i % 256, i // 256]]], dtype=torch.float32) / 255, i
+
+
+def int8_image_indices(monkeypatch, tmp_path, split_size: int, calib: int, tuning: int, log) -> tuple:
+    """The training images (by index) the exporter calibrates int8 on and tunes it on, for a split of ``split_size``."""
+    from types import SimpleNamespace
+
+    from cskd.checkpoint import ModelSpec
+    from cskd.export import exporter
+
+    monkeypatch.setattr("cskd.evaluate.build_dataset",
+                        lambda *args, **kwargs: (Numbered(split_size), SimpleNamespace(num_classes=10)))
+    trained = SimpleNamespace(path=tmp_path / "student.safetensors", spec=ModelSpec("student", "any", 10, 1, 2), heads=("cls",))
+    options = exporter.ExportOptions(precision="int8", calib_images=calib, tuning_images=tuning)
+    feed = lambda u8: u8.astype(np.float32)  # noqa: E731
+    context = exporter._build_context(tmp_path, lambda x: torch.zeros(len(x), 10), trained, options, np.zeros((2, 1, 1, 2)),
+                                      feed, tmp_path, log)
+    index = lambda batch: (batch[:, 0, 0, 0] + 256 * batch[:, 0, 0, 1]).astype(int).tolist()  # noqa: E731
+    return [i for batch in context.calibration() for i in index(batch)], index(context.tuning().inputs)
+
+
+@pytest.mark.parametrize("split_size", [700, 1_300, 10_000])
+def test_int8_tuning_images_are_never_calibration_images(monkeypatch, tmp_path, split_size):
+    logged = []
+    calibrated, tuned = int8_image_indices(monkeypatch, tmp_path, split_size, 512, 1_000, logged.append)
+    assert len(set(calibrated)) == 512 and set(calibrated).isdisjoint(tuned)
+    assert len(set(tuned)) == min(1_000, split_size - 512)  # a small split: tuning gets what calibration left...
+    assert bool(logged) == (split_size < 1_512)  # ...and says so
+    if logged:
+        assert f"has {split_size} images; tuning on the {split_size - 512} the calibration left, not 1000" in logged[0]
+    assert len({i * 10 // split_size for i in calibrated}) == 10  # spread over the whole split, not its start
+
+
+def test_a_split_calibration_takes_whole_is_refused_with_the_fix(monkeypatch, tmp_path):
+    with pytest.raises(CSKDError, match=r"300 images, all taken by calibration \(--calib-images 512\).*--tuning-images 0"):
+        int8_image_indices(monkeypatch, tmp_path, 300, 512, 1_000, print)

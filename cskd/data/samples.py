@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cskd.errors import CSKDError
+
 
 def limit(dataset: Dataset, count: Optional[int]) -> Dataset:
     """A fixed random subset of ``count`` images (the same for every seed and process), or the whole set."""
@@ -36,12 +38,21 @@ class Indexed(Dataset):
         return image, label, meta
 
 
-def sample_images(dataset: Dataset, count: int, offset: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    """``count`` images spread over ``dataset`` (every class, not the first folder) as uint8
-    ``[N, C, H, W]`` with their labels; the dataset's transform must give [0, 1] tensors. Samples
-    with different ``offset`` (below ``len / count``) share no image."""
-    step = max(1, len(dataset) // count)
-    picks = list(range(offset % step, len(dataset), step))[:count]
+def sample_order(size: int) -> np.ndarray:
+    """One fixed random order of ``range(size)`` (seed 0: the same on every call and machine). Samples
+    are consecutive slices of it: spread over every class, not the first folder, and disjoint when
+    their slices are."""
+    return np.random.default_rng(0).permutation(size)
+
+
+def sample_images(dataset: Dataset, count: int, skip: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Images ``skip`` to ``skip + count`` of :func:`sample_order` (fewer where ``dataset`` ends) as
+    uint8 ``[N, C, H, W]`` with their labels; the dataset's transform must give [0, 1] tensors. A
+    sample that skips the images of another shares none with it."""
+    picks = sample_order(len(dataset))[skip : skip + count].tolist()
+    if not picks:
+        raise CSKDError(f"no images to sample: the data set has {len(dataset)} and the first {skip} are another sample's; "
+                        "ask for fewer images or use a larger data set")
     images = np.stack([(dataset[i][0].numpy() * 255.0).round().clip(0, 255).astype(np.uint8) for i in picks])
     labels = np.array([dataset[i][1] for i in picks])
     return images, labels
