@@ -1,8 +1,9 @@
 """Offline teacher targets: the teacher's dense logit map of every training image, computed once.
 
 ```
-CACHE/manifest.json        what the maps are of: teacher (checkpoint hash), data set (fingerprint),
-                           image size, teacher grid, classes, top-k, shard layout, completeness
+CACHE/manifest.json        what the maps are of: teacher (checkpoint hash, options, normalisation),
+                           data set (fingerprint), image size and interpolation, teacher grid,
+                           classes, top-k, shard layout, completeness
 CACHE/shard-00000.npy      float16 [n, K or k, H, W]: the logits (all classes, or the k largest per cell)
 CACHE/shard-00000.idx.npy  int16 [n, k, H, W]: their class indices (top-k caches only; int32 above
                            32,768 classes)
@@ -12,7 +13,8 @@ Each map is the teacher's view of the WHOLE image resized to ``image_size`` x ``
 (aspect ratio not kept, nothing cropped), the coordinates training crop boxes are recorded in.
 Shards are written atomically and independently, so a killed run resumes where it stopped, and
 under torchrun each rank writes its own shards. Shards are memory-mapped when read. Training
-refuses a cache whose teacher, data, image size or classes differ from the run's.
+refuses a cache made of anything that changes the targets: another teacher, teacher options or
+normalisation, other data, image size, interpolation or classes.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from cskd.files import atomic_write, atomic_write_json
 from cskd.progress import progress
 
 # 2: maps of the whole image squashed to a square (1: of its centre crop, misaligned with the crop
-# boxes on non-square images).
+# boxes on non-square images); ImageFolder fingerprints include modification times.
 CACHE_FORMAT = "cskd-teacher-cache-2"
 MANIFEST = "manifest.json"
 ALL_CLASSES_UP_TO = 64  # store every class when there are at most this many, else the top-k per cell
@@ -50,6 +52,7 @@ class CacheManifest:
     num_classes: int
     topk: Optional[int]  # None: every class stored
     shard_size: int
+    interpolation: str = "bicubic"  # how each image was resized to image_size (data.interpolation)
     complete: bool = False
     dtype: str = "float16"
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -65,10 +68,13 @@ class CacheManifest:
         return -(-self.count // self.shard_size)
 
     def identity(self) -> Dict[str, Any]:
-        """What must match for two caches (or a cache and a run) to describe the same maps."""
-        return {"teacher_sha256": self.teacher["sha256"], "teacher_model": self.teacher["model"],
-                "data_fingerprint": self.data["fingerprint"], "image_size": self.image_size,
-                "num_classes": self.num_classes, "topk": self.topk}
+        """What must match for two caches (or a cache and a run) to describe the same maps: everything
+        that changes a target. Values as JSON stores them (lists, not tuples), so they compare equal."""
+        return _as_json({"teacher_sha256": self.teacher["sha256"], "teacher_model": self.teacher["model"],
+                         "teacher_kwargs": self.teacher.get("kwargs"), "teacher_mean": self.teacher.get("mean"),
+                         "teacher_std": self.teacher.get("std"), "data_fingerprint": self.data["fingerprint"],
+                         "image_size": self.image_size, "interpolation": self.interpolation,
+                         "num_classes": self.num_classes, "topk": self.topk})
 
     @classmethod
     def read(cls, folder: Path) -> "CacheManifest":
@@ -83,6 +89,17 @@ class CacheManifest:
 
     def write(self, folder: Path) -> None:
         atomic_write_json(Path(folder) / MANIFEST, asdict(self))
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def mismatches(have: Dict[str, Any], need: Dict[str, Any]) -> List[str]:
+    """``"key is A, the run needs B"`` for each key of ``need`` that ``have`` holds differently (or not at all)."""
+    have, need = _as_json(have), _as_json(need)
+    return [f"{key} is {have.get(key)!r}, the run needs {value!r}" for key, value in need.items()
+            if key not in have or have[key] != value]
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -156,10 +173,9 @@ class TeacherCache:
             self._indices.append(np.load(index_path, mmap_mode="r") if self.manifest.topk else None)
 
     def check_matches(self, expected: Dict[str, Any]) -> None:
-        """Refuse a cache made by another teacher, of other data, at another size or class count."""
-        mine = self.manifest.identity()
-        wrong = [f"{key} is {mine[key]!r}, the run needs {value!r}" for key, value in expected.items()
-                 if key in mine and value is not None and mine[key] != value]
+        """Refuse a cache whose targets differ from the run's: another teacher, its options or
+        normalisation, other data, another size, interpolation or class count (keys of :meth:`CacheManifest.identity`)."""
+        wrong = mismatches(self.manifest.identity(), expected)
         if wrong:
             raise CSKDError(f"teacher cache {self.folder} does not match this run ({'; '.join(wrong)}); rebuild it with "
                             "`cskd cache-teacher` (same config) or drop teacher.cache to run the teacher online")

@@ -38,7 +38,7 @@ from cskd.errors import CSKDError
 from cskd.files import file_sha256
 from cskd.models import DenseTeacher, create_teacher
 from cskd.run import resolve_cache_reference, resolve_teacher_reference
-from cskd.teacher_cache import CacheManifest, TeacherCache, missing_shards, storage_topk, write_cache
+from cskd.teacher_cache import CacheManifest, TeacherCache, mismatches, missing_shards, storage_topk, write_cache
 
 TeacherOutputs = Tuple[torch.Tensor, torch.Tensor]
 
@@ -83,10 +83,16 @@ def teacher_network(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
 def load_teacher(cfg: Config, info: DatasetInfo, device: torch.device) -> LoadedTeacher:
     """The teacher ``cfg`` names, its timm options and normalisation taken from its checkpoint."""
     path, spec, kwargs = teacher_kwargs(cfg, info)
-    mean = tuple(cfg.teacher.mean or (spec.mean if spec else info.mean))
-    std = tuple(cfg.teacher.std or (spec.std if spec else info.std))
+    mean, std = teacher_normalization(cfg, spec, info)
     model = create_teacher(cfg.teacher.model, info.num_classes, info.channels, checkpoint=path, **kwargs)
     return LoadedTeacher(cfg.teacher.model, model.to(device), mean, std, path, kwargs)
+
+
+def teacher_normalization(cfg: Config, spec: Optional[ModelSpec], info: DatasetInfo) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The teacher's input mean and std: the config's, else its checkpoint's, else the data set's."""
+    mean = tuple(cfg.teacher.mean or (spec.mean if spec else info.mean))
+    std = tuple(cfg.teacher.std or (spec.std if spec else info.std))
+    return mean, std
 
 
 def _check_compatible(spec: ModelSpec, info: DatasetInfo, path: Path) -> None:
@@ -162,13 +168,23 @@ class CachedTeacher:
 
 def build_teacher_targets(cfg: Config, info: DatasetInfo, train_set: Dataset, device: torch.device):
     """The run's teacher targets: from ``teacher.cache`` when set (checked against this run), else online."""
-    path, _, cfg.teacher.kwargs = teacher_kwargs(cfg, info)  # the kwargs are saved with the run's config
+    _, _, cfg.teacher.kwargs = teacher_kwargs(cfg, info)  # the kwargs are saved with the run's config
     if not cfg.teacher.cache:
         return OnlineTeacher(load_teacher(cfg, info, device))
     cache = TeacherCache(resolve_cache_reference(cfg.teacher.cache))
-    cache.check_matches({"teacher_sha256": file_sha256(path), "data_fingerprint": fingerprint(train_set),
-                         "image_size": cfg.student.img_size, "num_classes": info.num_classes})
+    cache.check_matches(cache_identity(cfg, info, train_set))
     return CachedTeacher(cache)
+
+
+def cache_identity(cfg: Config, info: DatasetInfo, train_set: Dataset) -> Dict[str, Any]:
+    """The :meth:`CacheManifest.identity` a cache needs to hold this run's targets: everything that
+    changes a map (teacher weights, architecture, timm options such as output_stride, normalisation;
+    the data; image size and interpolation; classes), worked out without loading the teacher."""
+    path, spec, kwargs = teacher_kwargs(cfg, info)
+    mean, std = teacher_normalization(cfg, spec, info)
+    return {"teacher_sha256": file_sha256(path), "teacher_model": cfg.teacher.model, "teacher_kwargs": kwargs,
+            "teacher_mean": mean, "teacher_std": std, "data_fingerprint": fingerprint(train_set),
+            "image_size": cfg.student.img_size, "interpolation": cfg.data.interpolation, "num_classes": info.num_classes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,14 +234,17 @@ def _new_manifest(cfg: Config, info: DatasetInfo, dataset: Dataset, teacher: Loa
         data={"name": cfg.data.name, "path": cfg.data.path, "split": "train", "count": len(dataset),
               "fingerprint": fingerprint(dataset)},
         image_size=cfg.student.img_size, grid=grid, num_classes=info.num_classes, topk=topk, shard_size=shard_size,
+        interpolation=cfg.data.interpolation,
     )
 
 
 def _start_or_resume(out: Path, manifest: CacheManifest) -> None:
     if (out / "manifest.json").is_file():
         existing = CacheManifest.read(out)
-        if existing.identity() != manifest.identity() or existing.shard_size != manifest.shard_size:
-            raise CSKDError(f"{out} holds a cache of another teacher, data set or layout; choose another --out or delete it")
+        wrong = mismatches({**existing.identity(), "shard_size": existing.shard_size},
+                           {**manifest.identity(), "shard_size": manifest.shard_size})
+        if wrong:
+            raise CSKDError(f"{out} holds another cache ({'; '.join(wrong)}); choose another --out or delete it")
         if existing.complete:
             return
     out.mkdir(parents=True, exist_ok=True)

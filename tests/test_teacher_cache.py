@@ -11,14 +11,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import cskd.teachers
 from cskd.config import load_config
+from cskd.data.datasets import build_dataset, fingerprint
 from cskd.errors import CSKDError
 from cskd.teacher_cache import MISSING_LOGIT_GAP, CacheManifest, TeacherCache, compress, expand, index_dtype, shard_paths, write_cache
-from cskd.teachers import cache_teacher
+from cskd.teachers import build_teacher_targets, cache_teacher
 from cskd.train import train
-from tests.conftest import quick_overrides
+from tests.conftest import quick_overrides, write_imagefolder
 
 
 @pytest.fixture
@@ -123,6 +125,48 @@ def test_a_cache_of_another_teacher_or_data_is_refused(tmp_path, build):
     # a run on other data (a subset as its own training split would differ; here another data set)
     with pytest.raises(CSKDError, match="data_fingerprint"):
         cache.check_matches({"data_fingerprint": "0" * 64})
+
+
+@pytest.fixture(scope="module")
+def folder_cache(tmp_path_factory, micro_teacher):
+    """The micro teacher's cache of a ten-image ImageFolder, and the overrides of the run it was made for."""
+    root = tmp_path_factory.mktemp("folder")
+    write_imagefolder(root / "data", [(40, 30), (30, 48)])
+    overrides = ["data.name=imagefolder", f"data.path={root / 'data'}", "data.channels=1", "data.workers=0",
+                 f"teacher.cache={root / 'cache'}", *micro_teacher]
+    cache_teacher(load_config(None, overrides), root / "cache", show_progress=False)
+    return overrides
+
+
+def targets_for(overrides):
+    cfg = load_config(None, overrides)
+    train_set, info = build_dataset(cfg.data.name, "train", cfg.data.path, cfg.data.channels)
+    return build_teacher_targets(cfg, info, train_set, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("override, field", [
+    ("teacher.kwargs={output_stride: 16}", "teacher_kwargs"),  # another grid and other features
+    ("teacher.mean=[0.5]", "teacher_mean"),
+    ("teacher.std=[0.5]", "teacher_std"),
+    ("data.interpolation=bilinear", "interpolation"),
+    ("student.img_size=48", "image_size"),
+    ("teacher.model=resnet10t", "teacher_model"),
+])
+def test_a_cache_of_another_teacher_set_up_is_refused(folder_cache, override, field):
+    targets_for(folder_cache)  # the set-up it was made with is accepted
+    with pytest.raises(CSKDError, match=rf"does not match this run \({field} is .+, the run needs .+\); "
+                                        r"rebuild it with `cskd cache-teacher`"):
+        targets_for([*folder_cache, override])
+
+
+def test_an_imagefolder_image_rewritten_at_the_same_size_changes_the_fingerprint(tmp_path):
+    write_imagefolder(tmp_path, [(8, 6)], classes=2, suffix="bmp")  # BMP: the file size depends on the size only
+    dataset, _ = build_dataset("imagefolder", "train", str(tmp_path), 1)
+    before, path = fingerprint(dataset), tmp_path / "train" / "c0" / "a.bmp"
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    Image.new("L", (8, 6), 255).save(path)  # edited: other pixels, same dimensions
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # a second later, whatever the file system's clock resolution
+    assert path.stat().st_size == size and fingerprint(dataset) != before
 
 
 @pytest.mark.slow

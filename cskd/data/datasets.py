@@ -96,8 +96,10 @@ def build_dataset(
 def fingerprint(dataset: Dataset) -> str:
     """A hash that changes when the images, their labels or their order change.
 
-    Array data sets hash their pixels; ImageFolder trees hash each file's relative path, size and
-    label (reading every image of a large tree would take longer than the teacher pass it guards).
+    Array data sets hash their pixels; ImageFolder trees hash each file's relative path, size,
+    modification time (ns) and label (reading every image of a large tree would take longer than the
+    teacher pass it guards; the time catches an image rewritten at the same size). A copy of the
+    tree keeps its fingerprint only when it keeps the times (``cp -p``, ``rsync -a``).
     """
     digest = hashlib.sha256()
     if isinstance(dataset, ArrayImageDataset):
@@ -106,7 +108,8 @@ def fingerprint(dataset: Dataset) -> str:
     elif hasattr(dataset, "samples") and hasattr(dataset, "root"):  # torchvision ImageFolder
         root = Path(dataset.root)
         for path, label in dataset.samples:
-            digest.update(f"{Path(path).relative_to(root)}\t{Path(path).stat().st_size}\t{label}\n".encode())
+            stat = Path(path).stat()
+            digest.update(f"{Path(path).relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}\t{label}\n".encode())
     else:
         raise CSKDError(f"cannot fingerprint a {type(dataset).__name__}; use one of {', '.join(DATASETS)}")
     return digest.hexdigest()
