@@ -23,6 +23,10 @@ class APIError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
+def timed_out(message: str) -> APIError:
+    return APIError(504, "timeout", message)
+
+
 def bad_image(message: str) -> APIError:
     return APIError(400, "bad_image", message)
 

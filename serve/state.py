@@ -12,9 +12,10 @@ from fastapi import Request
 
 from cskd.runtime.package import ModelPackage
 from cskd.runtime.preprocess import ImageDecodeError, decode_image, to_engine_input
-from cskd.serve.batcher import DeadlineExceeded, DynamicBatcher, Prepare, QueueFull
-from cskd.serve.errors import APIError, bad_image, overloaded
+from cskd.serve.batcher import DeadlineExceeded, DynamicBatcher, InferenceTimeout, Prepare, QueueFull
+from cskd.serve.errors import APIError, bad_image, overloaded, timed_out
 from cskd.serve.metrics import ServeMetrics
+from cskd.serve.security import check_api_key
 from cskd.serve.settings import ServeSettings
 
 
@@ -27,6 +28,11 @@ class Serving:
     backend_name: str = ""
     max_batch: int = 0  # the effective batch limit (settings, capped by the engine's own)
     ready: bool = False
+
+    @property
+    def serviceable(self) -> bool:
+        """Loaded, warmed up, and its backend is not stuck on a call (readiness probes read this)."""
+        return self.ready and not self.batcher.stalled
 
     @property
     def model_name(self) -> str:
@@ -60,6 +66,9 @@ class Serving:
         except DeadlineExceeded as exc:
             self.metrics.rejected.labels("deadline").inc(count)
             raise overloaded(f"request timed out in the queue ({exc}); retry shortly") from None
+        except InferenceTimeout as exc:
+            self.metrics.rejected.labels("timeout").inc(count)
+            raise timed_out(f"{exc}; the backend may be stuck (GET /readyz says)") from None
         except APIError as exc:
             if exc.code == "bad_image":
                 self.metrics.rejected.labels("bad_image").inc(count)
@@ -68,9 +77,20 @@ class Serving:
         return logits
 
 
-def get_serving(request: Request) -> Serving:
-    """Dependency: the app's shared serving state."""
+def serving_for(request: Request) -> Serving:
+    """The app's serving state, ready to infer: what the inference routes call first (they run as
+    plain Starlette routes, without FastAPI's dependency machinery; see ``app.py``)."""
     serving: Serving = request.app.state.serving
+    check_api_key(serving.settings.api_key, request.headers.get("authorization", ""))
+    return _ready(serving)
+
+
+async def get_serving(request: Request) -> Serving:
+    """Dependency: the app's shared serving state (async: a plain ``def`` dependency costs a thread hop per request)."""
+    return _ready(request.app.state.serving)
+
+
+def _ready(serving: Serving) -> Serving:
     if not serving.ready:
         raise APIError(503, "not_ready", "the model is still loading; retry shortly", {"Retry-After": "1"})
     return serving

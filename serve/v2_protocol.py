@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from cskd.serve.parsing import MalformedInput, load_json, parse_count
+
 # v2 datatype <-> numpy (little-endian, as the binary extension specifies)
 DATATYPES = {"BOOL": "?", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "i1", "INT16": "<i2",
              "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
@@ -54,14 +56,14 @@ def parse_request(body: bytes, header_length: Optional[str]) -> InferRequest:
     """Split and decode a v2 inference request body; every inconsistency is a :class:`ProtocolError`."""
     json_length = len(body)
     if header_length is not None:
-        text = header_length.strip()
-        if not (text.isascii() and text.isdigit()) or int(text) > len(body):
-            raise ProtocolError(f"Inference-Header-Content-Length {header_length!r} is not a length within the "
+        length = parse_count(header_length)
+        if length is None or length > len(body):
+            raise ProtocolError(f"Inference-Header-Content-Length {header_length[:40]!r} is not a length within the "
                                 f"{len(body)}-byte body")
-        json_length = int(text)
+        json_length = length
     try:
-        header = json.loads(body[:json_length])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        header = load_json(body[:json_length])
+    except MalformedInput as exc:
         raise ProtocolError(f"the request header is not valid JSON ({exc}); send the v2 inference request JSON, followed by "
                             "binary tensors only with Inference-Header-Content-Length") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
@@ -92,28 +94,49 @@ def _parameters(entry: Dict[str, Any], where: str) -> Dict[str, Any]:
 
 
 def _input_tensor(raw: Any, index: int, blob: memoryview) -> Tuple[Tensor, int]:
+    """A JSON input entry -> its tensor, and how many bytes of ``blob`` (the binary part) it used."""
     if not isinstance(raw, dict):
         raise ProtocolError(f"inputs[{index}] is not an object")
     name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
+    check_tensor_header(name, datatype, shape, index)
+    size = _parameters(raw, f"inputs[{index}]").get("binary_data_size")
+    if size is not None:
+        expected = math.prod(shape) * np.dtype(DATATYPES[datatype]).itemsize
+        if not isinstance(size, int) or isinstance(size, bool) or size != expected or size > len(blob):
+            raise ProtocolError(f"inputs[{index}] ({name}): binary_data_size {size!r} does not hold {shape} {datatype} "
+                                f"({expected} bytes) or exceeds the {len(blob)} bytes sent")
+        return tensor_from_bytes(name, datatype, shape, blob[:size], index), size
+    if "data" not in raw:
+        raise ProtocolError(f"inputs[{index}] ({name}) has neither 'data' nor a binary_data_size parameter")
+    return tensor_from_values(name, datatype, shape, raw["data"], index), 0
+
+
+def check_tensor_header(name: Any, datatype: Any, shape: Any, index: int) -> None:
+    """A tensor's name, datatype and shape are of the protocol's form (whatever the transport)."""
     if not isinstance(name, str) or datatype not in DATATYPES:
         raise ProtocolError(f"inputs[{index}] needs a 'name' and a 'datatype' among {', '.join(DATATYPES)}; got {datatype!r}")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise ProtocolError(f"inputs[{index}] ({name}) has shape {shape!r}; a shape is a list of at most {MAX_DIMS} "
+        raise ProtocolError(f"inputs[{index}] ({name}) has shape {str(shape)[:80]}; a shape is a list of at most {MAX_DIMS} "
                             "non-negative integers")
+
+
+def tensor_from_bytes(name: str, datatype: str, shape: List[int], raw: bytes | memoryview, index: int) -> Tensor:
+    """A tensor from its little-endian bytes (the binary extension over HTTP, ``raw_input_contents`` over gRPC)."""
     dtype, count = np.dtype(DATATYPES[datatype]), math.prod(shape)  # Python ints: no overflow
-    size = _parameters(raw, f"inputs[{index}]").get("binary_data_size")
-    if size is not None:
-        if not isinstance(size, int) or isinstance(size, bool) or size != count * dtype.itemsize or size > len(blob):
-            raise ProtocolError(f"inputs[{index}] ({name}): binary_data_size {size!r} does not hold {shape} {datatype} "
-                                f"({count * dtype.itemsize} bytes) or exceeds the {len(blob)} bytes sent")
-        array = np.frombuffer(blob[:size], dtype=dtype).reshape(shape)
-        _check_finite(array, index, name)
-        return Tensor(name, datatype, shape, array), size
-    if "data" not in raw:
-        raise ProtocolError(f"inputs[{index}] ({name}) has neither 'data' nor a binary_data_size parameter")
+    if len(raw) != count * dtype.itemsize:
+        raise ProtocolError(f"inputs[{index}] ({name}): {len(raw)} bytes do not hold {shape} {datatype} "
+                            f"({count * dtype.itemsize} bytes)")
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    _check_finite(array, index, name)
+    return Tensor(name, datatype, shape, array)
+
+
+def tensor_from_values(name: str, datatype: str, shape: List[int], values: Any, index: int) -> Tensor:
+    """A tensor from a flat list of numbers (JSON ``data``, or gRPC's typed ``contents``), exact for integer types."""
+    dtype, count = np.dtype(DATATYPES[datatype]), math.prod(shape)
     try:
-        array = np.asarray(raw["data"], dtype=np.float64 if datatype.startswith("FP") else None)
+        array = np.asarray(values, dtype=np.float64 if datatype.startswith("FP") else None)
         if array.size != count or not np.isfinite(array.astype(np.float64)).all():
             raise ValueError
         with np.errstate(over="ignore", invalid="ignore"):
@@ -123,7 +146,7 @@ def _input_tensor(raw: Any, index: int, blob: memoryview) -> Tuple[Tensor, int]:
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise ProtocolError(f"inputs[{index}] ({name}): 'data' does not hold {count} finite {datatype} values for shape {shape}") from None
     _check_finite(converted, index, name)
-    return Tensor(name, datatype, shape, converted), 0
+    return Tensor(name, datatype, shape, converted)
 
 
 def _check_finite(array: np.ndarray, index: int, name: str) -> None:

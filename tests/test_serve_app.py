@@ -201,6 +201,9 @@ def binary_request(tensor: dict, claimed_size: int, extra_bytes: int) -> bytes:
     return header + b"\0" * extra_bytes
 
 
+HUGE = b"9" * 5000  # an integer past Python's 4,300-digit conversion limit
+
+
 def _bomb() -> bytes:
     buf = io.BytesIO()
     Image.new("1", (20000, 20000)).save(buf, format="PNG")  # 400 megapixels in a few kB
@@ -242,6 +245,12 @@ def _truncated(fmt: str) -> bytes:
         ("far too many files", 413, "too_large"),
         ("multipart top_k 0", 422, "invalid_request"),
         ("deeply nested json", 422, "invalid_request"),
+        ("json top_k of 5000 digits", 422, "invalid_request"),
+        ("multipart top_k of 5000 digits", 422, "invalid_request"),
+        ("query top_k of 5000 digits", 422, "invalid_request"),
+        ("v2 shape of 5000 digits", 400, "invalid_request"),
+        ("v2 binary_data_size of 5000 digits", 400, "invalid_request"),
+        ("v2 header length of 5000 digits", 400, "invalid_request"),
     ],
 )
 def test_bad_input_gets_the_right_4xx_and_the_server_keeps_working(package_dir, kind, status, code):
@@ -285,6 +294,21 @@ def test_bad_input_gets_the_right_4xx_and_the_server_keeps_working(package_dir, 
                                                 data={"top_k": "0"}),
             "deeply nested json": lambda: c.post("/predict", content=b"[" * 50000 + b"]" * 50000,
                                                  headers={"content-type": "application/json"}),
+            # Python's int() refuses over 4,300 digits with a plain ValueError: these were 500s
+            "json top_k of 5000 digits": lambda: c.post("/predict", content=b'{"images": ["AA=="], "top_k": ' + HUGE + b"}",
+                                                        headers={"content-type": "application/json"}),
+            "multipart top_k of 5000 digits": lambda: c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")},
+                                                             data={"top_k": HUGE.decode()}),
+            "query top_k of 5000 digits": lambda: c.post("/predict?top_k=" + HUGE.decode(),
+                                                         files={"files": ("x.png", png_bytes(), "image/png")}),
+            "v2 shape of 5000 digits": lambda: c.post(f"/v2/models/{name}/infer", headers={"content-type": "application/json"},
+                                                      content=b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": ['
+                                                              + HUGE + b'], "data": [0]}]}'),
+            "v2 binary_data_size of 5000 digits": lambda: c.post(
+                f"/v2/models/{name}/infer", content=b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1], '
+                                                    b'"parameters": {"binary_data_size": ' + HUGE + b"}}]}"),
+            "v2 header length of 5000 digits": lambda: c.post(f"/v2/models/{name}/infer", content=b"{}",
+                                                              headers={"Inference-Header-Content-Length": HUGE.decode()}),
         }[kind]
         response = send()
         assert response.status_code == status, response.text
@@ -340,3 +364,48 @@ def test_serving_path_imports_without_torch(package_dir, tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_content_length_of_5000_digits_is_413_not_a_crash(package_dir):
+    import asyncio
+
+    from cskd.serve.app import BodyLimitMiddleware
+
+    async def never_called(scope, receive, send):
+        raise AssertionError("the body limit let it through")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/predict", "headers": [(b"content-length", HUGE)]}
+    asyncio.run(BodyLimitMiddleware(never_called, limit=1024)(scope, None, send))
+    assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["code"] == "too_large"
+
+
+def test_a_stuck_backend_turns_the_server_unready_and_requests_end_by_their_deadline(package_dir):
+    import threading
+
+    app = create_app(package_dir, request_timeout_s=0.5)
+    release = threading.Event()
+    with TestClient(app) as c:
+        real = app.state.serving.batcher.infer
+        app.state.serving.batcher.infer = lambda batch: (release.wait(20), real(batch))[1]
+        started = time.perf_counter()
+        stuck = c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")})
+        elapsed = time.perf_counter() - started
+        assert stuck.status_code == 504 and stuck.json()["code"] == "timeout", stuck.text
+        assert elapsed < 5  # its own deadline, not the backend's 20 s
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "backend" in ready.json()["reason"]
+        assert c.get("/v2/health/ready").status_code == 503
+        queued = c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")})  # behind the stuck call
+        assert queued.status_code == 503 and queued.json()["code"] == "overloaded"
+        release.set()  # the backend comes back: ready again, and answering
+        app.state.serving.batcher.infer = real
+        deadline = time.time() + 5
+        while c.get("/readyz").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")}).status_code == 200

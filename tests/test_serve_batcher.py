@@ -1,5 +1,6 @@
-"""The dynamic batcher: concurrent requests share one inference, a bad request fails alone,
-the queue is bounded, stale requests are dropped, one request larger than a batch is sliced."""
+"""The dynamic batcher: a request runs at once on a free engine, what arrives meanwhile shares the
+next call, a bad request fails alone, the queue is bounded, stale requests are dropped, one request
+larger than a batch is sliced, and a stuck backend neither hangs a request nor shutdown."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from cskd.serve.batcher import DeadlineExceeded, DynamicBatcher, QueueFull
+from cskd.serve.batcher import DeadlineExceeded, DynamicBatcher, InferenceTimeout, QueueFull
 
 
 class Recorder:
@@ -63,15 +64,33 @@ def test_a_payload_that_fails_to_prepare_fails_only_its_own_request():
     assert np.all(good == 2.0) and np.all(other == 6.0) and isinstance(bad, ValueError)
 
 
+def test_a_request_on_a_free_engine_runs_at_once_and_later_ones_share_the_next_call():
+    async def scenario():
+        backend = Recorder(delay=0.2)
+        batcher = DynamicBatcher(backend, max_batch=16, max_wait_ms=0, max_queue=64)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(np.zeros((1, 2)), 5.0))
+        await asyncio.sleep(0.05)  # the first call is running now
+        assert backend.sizes == [] and batcher.depth == 0  # dispatched, not waiting for company
+        later = [asyncio.ensure_future(batcher.submit(np.zeros((n, 2)), 5.0)) for n in (2, 3)]
+        await asyncio.gather(first, *later)
+        await batcher.close()
+        return backend.sizes
+
+    assert run(scenario()) == [1, 5]
+
+
 def test_a_full_queue_refuses_at_once():
     async def scenario():
         batcher = DynamicBatcher(Recorder(delay=0.2), max_batch=1, max_wait_ms=0, max_queue=2)
         batcher.start()
-        first = asyncio.ensure_future(batcher.submit(np.zeros((2, 2)), 5.0))
+        running = asyncio.ensure_future(batcher.submit(np.zeros((1, 2)), 5.0))  # takes the engine
+        await asyncio.sleep(0)
+        queued = asyncio.ensure_future(batcher.submit(np.zeros((2, 2)), 5.0))  # fills the queue
         await asyncio.sleep(0)
         with pytest.raises(QueueFull):
             await batcher.submit(np.zeros((1, 2)), 5.0)
-        await first
+        await asyncio.gather(running, queued)
         await batcher.close()
 
     run(scenario())
@@ -134,3 +153,75 @@ def test_an_empty_request_gets_an_empty_answer():
         return result
 
     assert run(scenario()).shape[0] == 0
+
+
+class Stuck:
+    """A backend whose calls block until released: a hung GPU, a deadlocked runtime."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release, self.calls = threading.Event(), 0
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        self.release.wait(10)
+        return rows.reshape(len(rows), -1).sum(axis=1, keepdims=True)
+
+
+def test_a_stuck_backend_ends_every_request_by_its_deadline_and_marks_the_batcher_stalled():
+    async def scenario():
+        backend = Stuck()
+        batcher = DynamicBatcher(backend, max_batch=1, max_wait_ms=0, max_queue=8, stall_after_s=0.3)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        in_call = asyncio.ensure_future(batcher.submit(np.zeros((1, 2)), 0.5))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(batcher.submit(np.zeros((1, 2)), 0.2))
+        outcomes = await asyncio.gather(in_call, queued, return_exceptions=True)
+        elapsed = loop.time() - started
+        stalled = batcher.stalled  # 0.55 s into a call allowed 0.3 s
+        await batcher.close(drain_s=0.2)  # returns although the call never does
+        closed_after = loop.time() - started
+        backend.release.set()
+        return outcomes, elapsed, stalled, closed_after, batcher.depth, backend.calls
+
+    (in_call, queued), elapsed, stalled, closed_after, depth, calls = run(scenario())
+    assert isinstance(in_call, InferenceTimeout) and isinstance(queued, DeadlineExceeded)
+    assert elapsed < 1.5 and closed_after < 2.0  # by their deadlines (0.5 s, 0.05 + 0.2 s), not the backend's 10 s
+    assert stalled and depth == 0 and calls == 1  # the queued request was dropped, never run
+
+
+def test_the_batcher_recovers_when_a_slow_call_returns():
+    async def scenario():
+        backend = Stuck()
+        batcher = DynamicBatcher(backend, max_batch=4, max_wait_ms=0, max_queue=8, stall_after_s=0.1)
+        batcher.start()
+        with pytest.raises(InferenceTimeout):
+            await batcher.submit(np.zeros((1, 2)), 0.2)
+        assert batcher.stalled
+        backend.release.set()  # the call comes back (late): its caller is gone, the next one is served
+        result = await batcher.submit(np.full((2, 2), 3.0), 5.0)
+        stalled_after = batcher.stalled
+        await batcher.close()
+        return result, stalled_after
+
+    result, stalled_after = run(scenario())
+    assert np.array_equal(result, [[6.0], [6.0]]) and not stalled_after
+
+
+def test_close_answers_everything_accepted():
+    async def scenario():
+        backend = Recorder(delay=0.05)
+        batcher = DynamicBatcher(backend, max_batch=2, max_wait_ms=1000, max_queue=64)  # a long fill window
+        batcher.start()
+        pending = [asyncio.ensure_future(batcher.submit(np.full((1, 2), float(i)), 5.0)) for i in range(5)]
+        await asyncio.sleep(0)
+        await batcher.close()  # does not wait out the window; runs what was accepted
+        with pytest.raises(QueueFull):
+            await batcher.submit(np.zeros((1, 2)), 5.0)
+        return [float(p.result()[0, 0]) for p in pending], backend.sizes
+
+    results, sizes = run(scenario())
+    assert results == [0.0, 2.0, 4.0, 6.0, 8.0] and sizes == [2, 2, 1]

@@ -13,8 +13,11 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="the model is loaded and warmed up", responses={503: {"description": "not ready"}})
+@router.get("/readyz", summary="the model is loaded, warmed up and its backend answers",
+            responses={503: {"description": "not ready: loading, or the backend is stuck on a call"}})
 async def readyz(request: Request) -> JSONResponse:
     serving = request.app.state.serving
-    body = {"ready": serving.ready, "model": serving.model_name}
-    return JSONResponse(body, status_code=200 if serving.ready else 503)
+    body = {"ready": serving.serviceable, "model": serving.model_name}
+    if serving.ready and not serving.serviceable:
+        body["reason"] = f"the backend has not returned from a call for over {serving.batcher.stall_after_s:g} s"
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)

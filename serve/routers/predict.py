@@ -9,20 +9,20 @@ skips FastAPI's second validation and encoding pass).
 from __future__ import annotations
 
 import json
-from typing import Annotated, List, Optional
+from typing import List, Optional
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from cskd import __version__
 from cskd.runtime.postprocess import top_k as top_k_labels
 from cskd.serve.errors import APIError, invalid, too_large
-from cskd.serve.security import require_api_key
-from cskd.serve.state import Serving, decode_base64, get_serving
+from cskd.serve.parsing import MalformedInput, load_json, parse_count
+from cskd.serve.state import Serving, decode_base64, serving_for
 
-router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["predict"])  # the key is checked by serving_for
 
 
 class Prediction(BaseModel):
@@ -47,6 +47,8 @@ class PredictRequest(BaseModel):
 
 
 _REQUEST_BODY = {
+    "parameters": [{"name": "top_k", "in": "query", "required": False, "description": "labels per image (default 5)",
+                    "schema": {"type": "integer", "minimum": 1}}],
     "requestBody": {
         "required": True,
         "content": {
@@ -86,15 +88,14 @@ async def _read_images(request: Request, serving: Serving) -> tuple[List[bytes],
         raw_k = form.get("top_k")
         top_k = None
         if isinstance(raw_k, str):
-            text = raw_k.strip()
-            if not (text.isascii() and text.isdigit()):
-                raise invalid(f"top_k must be a positive integer, got {raw_k!r}")
-            top_k = int(text)
+            top_k = parse_count(raw_k)
+            if top_k is None:
+                raise invalid(f"top_k must be a positive integer, got {raw_k[:40]!r}")
         return [await f.read() for f in files], top_k
     if content_type.startswith("application/json"):
         try:
-            body = PredictRequest.model_validate(json.loads(await request.body()))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            body = PredictRequest.model_validate(load_json(await request.body()))
+        except MalformedInput as exc:
             raise invalid(f"body is not valid JSON: {exc}") from None
         except ValidationError as exc:
             first = exc.errors()[0]
@@ -109,10 +110,15 @@ async def _read_images(request: Request, serving: Serving) -> tuple[List[bytes],
 
 @router.post("/predict", response_model=PredictResponse, summary="classify images", openapi_extra=_REQUEST_BODY,
              responses=_ERRORS)
-async def predict(request: Request, serving: Annotated[Serving, Depends(get_serving)],
-                  top_k: Annotated[Optional[int], Query(ge=1, description="labels per image (default 5)")] = None) -> Response:
+async def predict(request: Request) -> Response:
+    """Runs as a plain Starlette route (see ``app.py``): it reads its own query, key and state."""
+    serving = serving_for(request)
+    raw_k = request.query_params.get("top_k")
+    query_k = None if raw_k is None else parse_count(raw_k)
+    if raw_k is not None and query_k is None:
+        raise invalid(f"top_k must be a positive integer, got {raw_k[:40]!r}")
     images, body_k = await _read_images(request, serving)
-    k = next((value for value in (top_k, body_k) if value is not None), 5)
+    k = next((value for value in (query_k, body_k) if value is not None), 5)
     if not 1 <= k <= serving.settings.max_top_k:
         raise invalid(f"top_k must be between 1 and {serving.settings.max_top_k}, got {k}")
     logits = await serving.classify(images)

@@ -1,0 +1,84 @@
+"""The KServe v2 Open Inference Protocol's operations on the served model, whatever the transport.
+
+HTTP (``routers/kserve.py``) and gRPC (``grpc_service.py``) both answer from here, so metadata,
+input checks, limits and outputs are the same on either: a transport only decodes the request and
+encodes the answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from cskd import __version__
+from cskd.runtime.postprocess import softmax
+from cskd.runtime.triton import PLATFORMS, model_config
+from cskd.serve.errors import APIError, too_large
+from cskd.serve.state import Serving
+from cskd.serve.v2_protocol import OF_NUMPY, Tensor
+
+OUTPUTS = ("logits", "probabilities")
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+
+
+def bad_request(message: str, code: str = "invalid_request") -> APIError:
+    return APIError(400, code, message)  # the protocol's status for a request it cannot serve
+
+
+def server_metadata() -> Dict[str, Any]:
+    return {"name": "cskd", "version": __version__, "extensions": EXTENSIONS}
+
+
+def check_model(serving: Serving, name: str, version: Optional[str]) -> None:
+    """The request's model name (and version, if given) are this server's, else 404."""
+    if name != serving.model_name:
+        raise APIError(404, "model_not_found", f"no model named {name!r}; this server serves {serving.model_name!r}")
+    if version and version != serving.package.version:
+        raise APIError(404, "model_not_found", f"model {name!r} has no version {version!r}; it has {serving.package.version!r}")
+
+
+def model_metadata(serving: Serving) -> Dict[str, Any]:
+    spec, package = serving.package.input, serving.package
+    return {
+        "name": serving.model_name, "versions": [package.version], "platform": PLATFORMS[package.engine_format],
+        "inputs": [{"name": spec.name, "datatype": OF_NUMPY[spec.dtype], "shape": [-1, spec.channels, spec.size, spec.size]}],
+        "outputs": [{"name": out, "datatype": "FP32", "shape": [-1, len(package.classes)]} for out in OUTPUTS],
+    }
+
+
+def triton_config(serving: Serving) -> Dict[str, Any]:
+    """Triton's model configuration, as ``cskd export --format triton`` writes it."""
+    return model_config(serving.package, serving.model_name, serving.max_batch, int(serving.settings.max_wait_ms * 1000))
+
+
+def input_rows(serving: Serving, inputs: Sequence[Tensor]) -> np.ndarray:
+    """The one input tensor, checked against the model's name, datatype, shape and the image limit."""
+    spec = serving.package.input
+    expected = OF_NUMPY[spec.dtype]
+    if len(inputs) != 1 or inputs[0].name != spec.name:
+        raise bad_request(f"send one input named {spec.name!r}; got {[t.name for t in inputs]}", "invalid_tensor")
+    tensor = inputs[0]
+    if tensor.datatype != expected:
+        raise bad_request(f"input datatype {tensor.datatype} is not the model's {expected}", "invalid_tensor")
+    if len(tensor.shape) != 4 or list(tensor.shape[1:]) != [spec.channels, spec.size, spec.size] or tensor.shape[0] < 1:
+        raise bad_request(f"input shape {tensor.shape} is not [N, {spec.channels}, {spec.size}, {spec.size}]", "invalid_tensor")
+    if tensor.shape[0] > serving.settings.max_images:
+        raise too_large(f"{tensor.shape[0]} images in one request; the limit is {serving.settings.max_images}")
+    return np.ascontiguousarray(tensor.array, dtype=np.dtype(spec.dtype))
+
+
+def wanted_outputs(requested: Optional[Sequence[str]]) -> List[str]:
+    """The outputs asked for (all when none are named); an unknown name is a 400."""
+    if not requested:
+        return list(OUTPUTS)
+    unknown = [name for name in requested if name not in OUTPUTS]
+    if unknown:
+        raise bad_request(f"unknown output {unknown[0]!r}; this model gives {' and '.join(OUTPUTS)}", "invalid_tensor")
+    return list(requested)
+
+
+async def infer(serving: Serving, rows: np.ndarray, outputs: Sequence[str]) -> List[Tuple[str, np.ndarray]]:
+    """Run ``rows`` through the batcher; ``(name, float32 array)`` for each output asked for."""
+    logits = np.asarray(await serving.infer(rows), dtype=np.float32)
+    return [(name, logits if name == "logits" else softmax(logits).astype(np.float32)) for name in outputs]
