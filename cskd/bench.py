@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from cskd.bench_served import ServedModel, ServedOptions, measure_served, served_rows
 from cskd.errors import CSKDError
 from cskd.evaluate import ModelInput, real_images
 from cskd.files import atomic_write_json
@@ -41,6 +42,7 @@ class BenchOptions:
     expect_speedup: Optional[float] = None
     max_accuracy_drop: Optional[float] = None
     out: Path = Path("bench")
+    served: Optional[ServedOptions] = None  # also serve every package and load it (cskd bench --served)
 
 
 @dataclass
@@ -114,6 +116,11 @@ def check_gates(result: Dict, options: BenchOptions) -> List[str]:
             if drop > options.max_accuracy_drop + 1e-9:
                 failures.append(f"{row['model']} top-1 {row['top1']:.2f}% is {drop:.2f} points below the teacher's "
                                 f"{teacher_top1:.2f}%, allowed {options.max_accuracy_drop}")
+    for row in result.get("served", []):
+        if row["role"] != "teacher" and options.expect_speedup is not None and row["served_speedup"] < options.expect_speedup:
+            figure = "p50 latency" if row["concurrency"] == 1 else "throughput"
+            failures.append(f"{row['model']} served at concurrency {row['concurrency']} is {row['served_speedup']:.2f}x the "
+                            f"served teacher's {figure}, expected at least {options.expect_speedup}x")
     return sorted(set(failures))
 
 
@@ -165,10 +172,16 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
     with progress(total, "bench", "run") as bar:
         measure(entries, feeds, options, bar)
     result = summarize(entries, options)
+    if options.served is not None:
+        served = [ServedModel(e.label, e.role, e.folder, e.package, feeds[e.label][options.batch_sizes[0]][:1]) for e in entries]
+        runs = options.served.rounds * len(options.served.concurrency) * len(served)
+        with progress(runs, "served", "run") as bar:
+            measure_served(served, options.served, bar)
+        result["served"] = served_rows(served, result["rows"])
     result.update({
         "machine": {"processor": platform.processor() or platform.machine(), "system": platform.platform(),
                     "python": platform.python_version()},
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.__dict__.items()},
+        "options": {k: (str(v) if isinstance(v, Path) else asdict(v) if is_dataclass(v) else v) for k, v in options.__dict__.items()},
         "eval_images": int(len(labels)) if labels is not None else 0,
     })
     result["failures"] = check_gates(result, options)

@@ -63,8 +63,9 @@ for i in range(3):
     Image.fromarray(images[i * 11], mode="L").save(f"{sys.argv[1]}/img{i}.png")
 PY
 chmod -R a+rX "$work"
-port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-MODEL_DIR="$work/model" CSKD_IMAGE=cskd-serve:ci API_PORT=$port \
+free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+port=$(free_port); grpc_port=$(free_port)
+MODEL_DIR="$work/model" CSKD_IMAGE=cskd-serve:ci API_PORT=$port GRPC_PORT=$grpc_port \
   podman-compose -p "$project" -f docker/compose.yaml up -d api > "$work/up.log" 2>&1 || { cat "$work/up.log"; exit 1; }
 stamp "stack up"
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/readyz" > /dev/null && break; sleep 0.5; done
@@ -79,6 +80,22 @@ got = [p["top"][0]["label"] for p in json.loads(sys.argv[1])["predictions"]]
 want = [r["top"][0]["label"] for r in json.loads(sys.argv[2])]
 assert got == want, f"container answered {got}, cskd predict {want}"
 print(f"[container stage] /predict in the container agrees with cskd predict: {got}")
+PY
+model=$(curl -sf "http://127.0.0.1:$port/v1/model")
+python3 - "$grpc_port" "$model" <<'PY'
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+client = grpcclient.InferenceServerClient(f"127.0.0.1:{sys.argv[1]}")
+model = json.loads(sys.argv[2])
+spec = model["input"]
+assert client.is_server_ready() and client.is_model_ready(model["name"]), "gRPC in the container is not ready"
+x = np.zeros((2, spec["channels"], spec["size"], spec["size"]), np.float32 if spec["dtype"] == "float32" else np.uint8)
+tensor = grpcclient.InferInput(spec["name"], list(x.shape), "FP32" if spec["dtype"] == "float32" else "UINT8")
+tensor.set_data_from_numpy(x)
+logits = client.infer(model["name"], [tensor]).as_numpy("logits")
+assert logits.shape == (2, len(model["classes"])), logits.shape
+print(f"[container stage] KServe v2 gRPC in the container answers: logits {logits.shape}")
 PY
 uid=$(podman exec "${project}_api_1" id -u)
 [ "$uid" != "0" ] || { echo "the api container runs as root"; exit 1; }

@@ -152,7 +152,11 @@ def input_tensors(request: service_pb2.ModelInferRequest) -> List[Tensor]:
 async def start_grpc_server(serving: Serving, host: str, port: int) -> grpc.aio.Server:
     """Start the v2 gRPC service on ``host:port`` on the running event loop (messages capped like HTTP bodies)."""
     limit = serving.settings.max_body_bytes
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+    # Port sharing only between this server's own worker processes (--workers N): otherwise a second
+    # cskd serve on the same port would silently take half the connections instead of failing.
+    shared = serving.settings.workers > 1
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                                      ("grpc.so_reuseport", int(shared))])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(serving), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

@@ -1,4 +1,5 @@
-"""A real `cskd serve` process on loopback: answers, NVIDIA's KServe v2 client, load, and a schemathesis run with no 5xx."""
+"""A real `cskd serve` process on loopback: answers, NVIDIA's KServe v2 clients (HTTP and gRPC), load, and a
+schemathesis run with no 5xx."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def free_port() -> int:
 def server(trained_run, tmp_path_factory):
     package = tmp_path_factory.mktemp("uvicorn") / "pkg"
     export_model(trained_run, ExportOptions(out=package, parity_images=100), log=lambda _: None)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cskd", "serve", str(package), "--port", str(port),
+    port, grpc_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cskd", "serve", str(package), "--port", str(port), "--grpc-port", str(grpc_port),
                              "--max-wait-ms", "5", "--api-key", API_KEY, "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -53,7 +54,7 @@ def server(trained_run, tmp_path_factory):
     else:
         proc.kill()
         raise RuntimeError("cskd serve did not become ready in 90 s")
-    yield base, package
+    yield base, package, f"127.0.0.1:{grpc_port}"
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=30)
@@ -62,7 +63,7 @@ def server(trained_run, tmp_path_factory):
 
 
 def test_real_server_answers_like_cskd_predict(server, tmp_path):
-    base, package = server
+    base, package, _ = server
     paths = val_png_files(tmp_path, 5)
     response = httpx.post(base + "/predict", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in paths],
                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
@@ -75,7 +76,7 @@ def test_real_server_answers_like_cskd_predict(server, tmp_path):
 
 
 def test_http_bench_counts_successes_and_errors(server):
-    base, _ = server
+    base, *_ = server
     good = asyncio.run(run_load(base, png_bytes(1), concurrency=4, duration_s=1.5, api_key=API_KEY))
     assert good["ok"] > 0 and good["errors"] == 0 and good["requests"] == good["ok"]
     assert good["p50_ms"] <= good["p90_ms"] <= good["p99_ms"]
@@ -101,7 +102,7 @@ def triton_infer(base: str, images: np.ndarray, binary_in: bool, binary_out: boo
 
 @pytest.mark.parametrize("binary_in, binary_out", [(True, True), (False, False), (True, False), (False, True)])
 def test_tritonclient_infers_with_json_and_binary_tensors_like_predict(server, tmp_path, binary_in, binary_out):
-    base, package = server
+    base, package, _ = server
     spec = read_package(package).input
     paths = val_png_files(tmp_path, 4)
     images = to_engine_input(np.stack([decode_image(p.read_bytes(), spec.channels, spec.size) for p in paths]),
@@ -121,7 +122,7 @@ def test_tritonclient_infers_with_json_and_binary_tensors_like_predict(server, t
 def test_tritonclient_health_metadata_config_and_readable_errors(server):
     from tritonclient.utils import InferenceServerException
 
-    base, package = server
+    base, package, _ = server
     name = read_package(package).name
     client = triton_client(base)
     auth = {"Authorization": f"Bearer {API_KEY}"}
@@ -137,9 +138,33 @@ def test_tritonclient_health_metadata_config_and_readable_errors(server):
         triton_infer(base, np.zeros((1, 1, 8, 8), np.float32), True, True, name)
 
 
+def test_tritonclient_grpc_against_the_real_server_equals_http(server):
+    import tritonclient.grpc as grpcclient
+
+    base, package, grpc_url = server
+    name = read_package(package).name
+    auth = {"authorization": f"Bearer {API_KEY}"}
+    client = grpcclient.InferenceServerClient(grpc_url)
+    assert client.is_server_ready() and client.is_model_ready(name, headers=auth)
+    images = np.random.default_rng(3).standard_normal((5, 1, 32, 32)).astype(np.float32)
+    tensor = grpcclient.InferInput("input", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    over_grpc = client.infer(name, [tensor], headers=auth).as_numpy("logits")
+    over_http = triton_infer(base, images, True, True, name).as_numpy("logits")
+    assert over_grpc.shape == (5, 10) and np.array_equal(over_grpc, over_http)
+
+
+def test_a_second_server_on_the_same_grpc_port_fails_clearly(server, tmp_path):
+    _, package, grpc_url = server
+    done = subprocess.run([sys.executable, "-m", "cskd", "serve", str(package), "--port", str(free_port()),
+                           "--grpc-port", grpc_url.rsplit(":", 1)[1], "--log-level", "warning"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "cannot listen for gRPC" in done.stdout + done.stderr
+
+
 @pytest.fixture(scope="module")
 def api_schema(server):
-    base, _ = server
+    base, *_ = server
     return schemathesis.openapi.from_url(base + "/openapi.json")
 
 

@@ -4,6 +4,7 @@ load test of a running server (``cskd bench http URL``)."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,8 @@ examples:
   cskd bench runs/demo/export-onnx-int8 --teacher runs/demo/export-teacher-onnx-fp32
   cskd bench S-fp32 S-fp16 S-int8 --teacher T --batch-sizes 1 8 32 --out bench/
   cskd bench runs/demo --teacher runs/teacher --quick --expect-speedup 3 --max-accuracy-drop 5   # a CI gate
+  cskd bench S-fp32 S-int8 --teacher T --served                    # also as deployed: cskd serve + hey, c1 and c16
+  cskd bench S-int8 --teacher T --served --served-seconds 20 --expect-speedup 4   # gate on the served speedup too
   cskd bench http http://127.0.0.1:8000 --concurrency 32 --duration 60   # load a running cskd serve
 """
 
@@ -43,6 +46,12 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="2 rounds of 5 calls, 500 images: a smoke test")
     p.add_argument("--expect-speedup", type=float, help="fail unless every student is this many times faster")
     p.add_argument("--max-accuracy-drop", type=float, help="fail when a student loses more top-1 points than this")
+    p.add_argument("--served", action="store_true", help="also serve each package with cskd serve and drive it with hey "
+                                                         "(apt-get install hey): served p50/p99, throughput, speedup")
+    p.add_argument("--served-concurrency", type=int, nargs="+", default=[1, 16], help="--served: concurrent clients (default 1 16)")
+    p.add_argument("--served-seconds", type=float, default=10.0, help="--served: seconds of load per package and concurrency")
+    p.add_argument("--served-rounds", type=int, default=1, help="--served: interleaved rounds (median reported)")
+    p.add_argument("--serve-args", default="", help="--served: further cskd serve flags for every package, e.g. '--max-wait-ms 2'")
     p.add_argument("--data", help="data set for top-1 (default: the run's)")
     p.add_argument("--data-path")
     p.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json and the plots")
@@ -67,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.students[0] == "http":
         return run_http(args)
     from cskd.bench import BenchOptions, format_table, run_bench  # the training stack: only for this command
+    from cskd.bench_served import ServedOptions, format_served
 
     if args.teacher is None:
         raise CSKDError("cskd bench needs --teacher TEACHER_PACKAGE (or use `cskd bench http URL`)")
@@ -76,11 +86,18 @@ def run(args: argparse.Namespace) -> int:
                            eval_images=args.eval_images, threads=args.threads, providers=args.providers, data=args.data,
                            data_path=args.data_path, expect_speedup=args.expect_speedup,
                            max_accuracy_drop=args.max_accuracy_drop, out=args.out)
+    if args.served:
+        if any(c < 1 for c in args.served_concurrency):
+            raise CSKDError(f"--served-concurrency takes positive numbers, got {args.served_concurrency}")
+        options.served = ServedOptions(concurrency=args.served_concurrency, seconds=args.served_seconds,
+                                       rounds=args.served_rounds, threads=args.threads, serve_args=shlex.split(args.serve_args))
     if args.quick:
         options.rounds, options.iters, options.warmup, options.eval_images = 2, 5, 2, 500
     students = [as_package(Path(s), print) for s in args.students]
     result = run_bench(students, as_package(args.teacher, print), options)
     print(format_table(result))
+    if "served" in result:
+        print(format_served(result["served"]))
     print(f"wrote {args.out / 'bench.json'}, {', '.join(result['plots'])}")
     for failure in result["failures"]:
         print(f"cskd bench: gate failed: {failure}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 from pathlib import Path
 
 from cskd.errors import CSKDError
@@ -58,6 +59,17 @@ def create_app_from_env():
     return create_app()
 
 
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Refuse in one line, before anything starts, a port another process listens on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CSKDError(f"cannot listen for gRPC on {host}:{port} ({exc.strerror}); choose another {flag}, "
+                            "or 0 for no gRPC") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn  # the serving stack (the serve extra) loads only for this command
 
@@ -79,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if not settings.model_dir:
         raise CSKDError("no model package given: pass MODEL_DIR or set CSKD_SERVE_MODEL_DIR")
     package = read_package(settings.model_dir)  # fail in one line before uvicorn starts
+    if settings.grpc_port:
+        check_port_free(settings.host, settings.grpc_port, "--grpc-port")
     for key, value in given.items():  # worker processes read their settings from the environment
         os.environ[f"CSKD_SERVE_{key.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
     limit = package.batch_limit(settings.max_batch)

@@ -1,0 +1,71 @@
+"""cskd bench --served: hey's summary read right, the request it sends is what the server parses, and a
+real run serves every package, loads it and reports served against engine speedups (and gates them)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from cskd.bench import run_bench
+from cskd.bench_served import ServedOptions, parse_hey, v2_binary_request
+from cskd.serve.v2_protocol import parse_request
+from tests.test_bench import packages, quick  # noqa: F401  (the module's exported teacher and student)
+
+# hey 0.1.4's output (Debian's hey), trimmed of its histogram: 30 answers, 2 refused, 3 never answered
+HEY_OUTPUT = """
+Summary:
+  Total:\t0.0944 secs
+  Requests/sec:\t317.7553
+
+Latency distribution:
+  10% in 0.0046 secs
+  25% in 0.0059 secs
+  50% in 0.0060 secs
+  75% in 0.0075 secs
+  90% in 0.0081 secs
+  95% in 0.0088 secs
+  99% in 0.0121 secs
+
+Status code distribution:
+  [200]\t30 responses
+  [503]\t2 responses
+
+Error distribution:
+  [3]\tPost "http://127.0.0.1:1/v2/models/m/infer": dial tcp 127.0.0.1:1: connect: connection refused
+"""
+
+
+def test_parse_hey_reads_throughput_percentiles_and_failures():
+    parsed = parse_hey(HEY_OUTPUT)
+    assert parsed["requests_per_s"] == pytest.approx(317.7553)
+    assert (parsed["p50_ms"], parsed["p90_ms"], parsed["p99_ms"]) == pytest.approx((6.0, 8.1, 12.1))
+    assert parsed["statuses"] == {"200": 30, "503": 2} and parsed["non_2xx"] == 5  # 2 refused + 3 unanswered
+
+
+def test_the_request_hey_sends_is_one_image_the_server_parses_back():
+    row = np.random.default_rng(0).standard_normal((1, 1, 32, 32)).astype(np.float32)
+    body, header_length = v2_binary_request("input", row, "float32")
+    parsed = parse_request(body, str(header_length))
+    assert parsed.inputs[0].shape == [1, 1, 32, 32] and np.array_equal(parsed.inputs[0].array, row)
+    assert parsed.wants_binary("logits") and [name for name, _ in parsed.outputs] == ["logits"]
+
+
+@pytest.mark.skipif(shutil.which("hey") is None, reason="cskd bench --served drives servers with hey (apt-get install hey)")
+def test_served_bench_serves_every_package_and_reports_served_against_engine_speedups(packages, tmp_path):  # noqa: F811
+    student, teacher = packages
+    served = ServedOptions(concurrency=(1, 4), seconds=3.0)  # hey prints a p99 from 100 answers on
+    options = quick(tmp_path, expect_speedup=1000.0, served=served)
+    result = run_bench([student], teacher, options)
+    rows = {(r["role"], r["concurrency"]): r for r in result["served"]}
+    assert set(rows) == {("teacher", 1), ("teacher", 4), ("student", 1), ("student", 4)}
+    for row in rows.values():
+        assert row["non_2xx"] == 0 and row["requests_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+    assert rows["teacher", 1]["served_speedup"] == pytest.approx(1.0)
+    student_c1 = rows["student", 1]
+    assert student_c1["served_speedup"] == pytest.approx(rows["teacher", 1]["p50_ms"] / student_c1["p50_ms"])
+    engine = next(r for r in result["rows"] if r["role"] == "student" and r["batch"] == 1)
+    assert student_c1["engine_batch"] == 1 and student_c1["engine_speedup"] == engine["speedup_vs_teacher"]
+    assert rows["student", 4]["engine_batch"] == 4  # the largest benchmarked batch not above the concurrency
+    assert any("served at concurrency 1" in f for f in result["failures"])  # the gate reads the served figures too
