@@ -85,18 +85,31 @@ def read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str
         raise CSKDError(f"cannot read {path}: corrupted or not a safetensors file ({exc}); use an intact checkpoint") from None
 
 
-def read_spec(path: Path) -> Optional[ModelSpec]:
-    """The spec of a cskd checkpoint file, or None for a plain state dict."""
-    if Path(path).suffix != ".safetensors":
-        return None
+def read_metadata(path: Path) -> Dict[str, str]:
+    """The header metadata of a safetensors file, without reading its tensors."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as exc:
         raise CSKDError(f"cannot read {path}: corrupted or not a safetensors file ({exc}); use an intact checkpoint") from None
+
+
+def read_spec(path: Path) -> Optional[ModelSpec]:
+    """The spec of a cskd checkpoint file, or None for a plain state dict."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    metadata = read_metadata(path)
     return ModelSpec.from_metadata(metadata, path) if metadata.get("format") == FORMAT else None
+
+
+def checkpoint_epoch(path: Path) -> Optional[int]:
+    """The epoch (1-based) whose weights a run's checkpoint holds, from the ``info`` of its header;
+    None when the file does not exist or records no epoch."""
+    if not Path(path).is_file():
+        return None
+    return json.loads(read_metadata(path).get("info", "{}")).get("epoch")
 
 
 def load_weights(path: str | Path) -> Tuple[Dict[str, torch.Tensor], ModelSpec, Dict[str, Any]]:

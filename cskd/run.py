@@ -5,7 +5,7 @@ RUN/config.yaml          the resolved configuration (rerun with --config)
 RUN/metrics.jsonl        one JSON object per epoch
 RUN/best.safetensors     deployable weights with their spec (best validation top-1)
 RUN/last.safetensors     the same after the last finished epoch
-RUN/last.state.pt        optimizer, scaler and EMA state for --resume (written last each epoch)
+RUN/last.state.pt        optimizer, scaler and EMA state for --resume (marks an epoch done)
 RUN/curves.png           the curves of metrics.jsonl
 ```
 
@@ -16,16 +16,17 @@ distilled from and the data it was trained on through :class:`RunDir`, never by 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from cskd.assets import DEMO_TEACHER, DEMO_TEACHER_CACHE, asset_path
-from cskd.checkpoint import BEST, LAST, resolve_checkpoint
+from cskd.checkpoint import BEST, LAST, checkpoint_epoch, resolve_checkpoint
 from cskd.config import Config, DataConfig, load_config, save_config
 from cskd.errors import CSKDError
-from cskd.files import atomic_write_json, atomic_write_text
+from cskd.files import atomic_write, atomic_write_json, atomic_write_text
 
 DEMO_TEACHER_REFERENCE = "demo"  # teacher.checkpoint=demo: the teacher shipped with cskd
 
@@ -133,6 +134,18 @@ class RunDir:
     def checkpoint(self) -> Path:
         """``best.safetensors``, else ``last.safetensors``."""
         return resolve_checkpoint(self.path)
+
+    def restore_best(self, epoch: int) -> bool:
+        """Make ``best.safetensors`` hold ``epoch`` (1-based), the last finished one, by copying
+        ``last.safetensors`` when it does not: a run stopped after the resume state called the epoch
+        best but before its best weights were written. Returns whether it copied."""
+        if checkpoint_epoch(self.best) == epoch:
+            return False
+        if checkpoint_epoch(self.last) != epoch:
+            raise CSKDError(f"the resume state of {self.path} calls epoch {epoch} the best, but neither {self.BEST} nor "
+                            f"{self.LAST} holds it; restore the run's files or start a new run")
+        atomic_write(self.best, lambda tmp: shutil.copyfile(self.last, tmp))
+        return True
 
     # -- metrics -----------------------------------------------------------------------------
 

@@ -249,6 +249,8 @@ class MainProcess(Quiet):
         # Rows past the resume state are of an epoch a crash cut short, redone now (on a fresh start:
         # of a run killed before its first state was saved).
         run.truncate_metrics(session.start_epoch)
+        # The state called its last epoch the best, but the run may have stopped before writing best.safetensors.
+        restored = resume and session.best_epoch == session.start_epoch - 1 and run.restore_best(session.start_epoch)
         run.save_config(cfg)
         kd = f"deit={cfg.loss.deit_type} cskd={cfg.loss.cskd_type} decay={cfg.loss.decay}" if session.task.distils(cfg) else "supervised"
         info = session.loaders.info
@@ -261,6 +263,9 @@ class MainProcess(Quiet):
         print(f"  device {session.env.device} x{session.env.world_size}, {session.steps_per_epoch} steps/epoch, "
               f"lr {scaled_lr(cfg, session.env.world_size):.2e}, run dir {run.path}"
               + (f", resuming at epoch {session.start_epoch + 1}" if resume else ""))
+        if restored:
+            print(f"  restored {run.best.name} from {run.last.name}: epoch {session.start_epoch} is the best and the run "
+                  "stopped before writing it")
         changes = schedule_changes(session.resumed_schedule, session.schedule) if session.resumed_schedule else []
         if changes:
             lr = session.ctx.optimizer.param_groups[0]["lr"]
@@ -271,14 +276,16 @@ class MainProcess(Quiet):
 
     def epoch_done(self, session: Session, epoch: int, metrics: Dict[str, Any], is_best: bool) -> None:
         run, info = session.run, {"epoch": epoch + 1, "val_top1": metrics[f"val_top1_{session.task.primary_head}"]}
-        # The resume state last: it is what marks the epoch done. A crash before it resumes by redoing
-        # the epoch, which rewrites the same metrics row (the stale one is dropped on resume) and weights.
+        # The resume state marks the epoch done. A crash before it resumes by redoing the epoch (its
+        # metrics row is dropped on resume and written again; best.safetensors is not written yet, so it
+        # stays the state's best whatever the redo scores). A crash after it and before best resumes at
+        # the next epoch, copying last.safetensors (this epoch's, written first) to best: see start().
         run.append_metrics(metrics)
         weights = session.deployable_weights
         save_weights(run.last, weights, session.spec, info)
+        save_state(run.state, session.state_dict(epoch))
         if is_best:
             save_weights(run.best, weights, session.spec, info)
-        save_state(run.state, session.state_dict(epoch))
         print_epoch(metrics, session.task.primary_head, is_best)
 
     def finish(self, session: Session, result: RunResult) -> None:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from timm.scheduler import create_scheduler_v2
 
 import cskd.engine
+from cskd.checkpoint import load_weights
 from cskd.config import load_config
 from cskd.distributed import DistEnv
 from cskd.errors import CSKDError
@@ -233,7 +234,7 @@ def _weights_and_epoch(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("written", [1, 2, 3], ids=["after-1-write", "after-2-writes", "after-3-writes"])
 def test_a_kill_between_the_epochs_writes_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, written):
-    # both epochs are best here, so each writes 4 files (metrics row, last, best, resume state)
+    # both epochs are best here, so each writes 4 files (metrics row, last, resume state, best)
     extra = {**SUPERVISED, "train.lr": 0.1}
     reference = run(tmp_path, "reference", **extra)
     assert reference.best_epoch == 2, "premise: epoch 2 improves on epoch 1, so it writes best.safetensors"
@@ -248,6 +249,38 @@ def test_a_kill_between_the_epochs_writes_resumes_to_the_uninterrupted_run(tmp_p
     for name in ("best.safetensors", "last.safetensors"):
         (a, a_epoch), (b, b_epoch) = _weights_and_epoch(reference.run_dir / name), _weights_and_epoch(resumed.run_dir / name)
         assert a_epoch == b_epoch == 2 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def _scoring_zero(monkeypatch) -> None:
+    """Every evaluation from now on scores 0% on every head: an epoch worse than any before."""
+    original = cskd.train.evaluate
+
+    def zero(*args, **kwargs):
+        result = original(*args, **kwargs)
+        return {**result, "top1": {head: 0.0 for head in result["top1"]}}
+
+    monkeypatch.setattr(cskd.train, "evaluate", zero)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("written", [1, 2, 3], ids=["after-1-write", "after-2-writes", "after-3-writes"])
+def test_best_weights_are_the_best_epochs_after_a_kill_and_a_resume_that_scores_lower(tmp_path, monkeypatch, written):
+    # Epoch 2 beats epoch 1 and the run is killed among its writes; the resume runs longer and every
+    # epoch it trains (a redone epoch 2 included) scores lower, as a changed config or nondeterministic
+    # kernels may. best.safetensors must hold the epoch the state and metrics call best, whatever that is.
+    _kill_after_writes(monkeypatch, 4 + written)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, **SUPERVISED, **{"train.lr": 0.1})
+    monkeypatch.undo()
+    killed = [r["val_top1_fused"] for r in RunDir(tmp_path / "run").metrics()]
+    assert killed[1] > killed[0], "premise: epoch 2 (its metrics row is the first write) improves on epoch 1"
+    _scoring_zero(monkeypatch)
+    resumed = train(load_config(tmp_path / "run" / "config.yaml", ["train.epochs=3"]), resume=True, show_progress=False)
+    top1 = [r["val_top1_fused"] for r in RunDir(resumed.run_dir).metrics()]
+    assert len(top1) == 3 and resumed.best_epoch == top1.index(max(top1)) + 1 and resumed.best_top1 == max(top1)
+    _, _, info = load_weights(resumed.run_dir / "best.safetensors")
+    assert (info["epoch"], info["val_top1"]) == (resumed.best_epoch, resumed.best_top1)
+    assert resumed.best_epoch == (2 if written == 3 else 1)  # epoch 2 kept once its state was saved; a redo scores 0
 
 
 @pytest.mark.slow
