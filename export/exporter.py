@@ -57,6 +57,24 @@ class ExportOptions:
     force: bool = False
 
 
+# The counts export takes: (flag, option, the least it may be, what it counts)
+COUNTS = (
+    ("--max-batch", "max_batch", 1, "the largest batch of the engine"),
+    ("--parity-images", "parity_images", 1, "the validation images the parity gate compares on"),
+    ("--calib-images", "calib_images", 1, "the training images int8 is calibrated on"),
+    ("--tuning-images", "tuning_images", 0, "the training images int8 is tuned on (0: the recipe as it is)"),
+)
+
+
+def check_counts(options: ExportOptions) -> None:
+    """Each count at least its least value (a negative image count would slice the data from its end)."""
+    for flag, name, least, what in COUNTS:
+        value = getattr(options, name)
+        if value < least:
+            raise CSKDError(f"{flag} {value} is below {least}: it counts {what}; pass {flag} {getattr(ExportOptions, name)} "
+                            f"(the default) or another count of at least {least}")
+
+
 def resolve_source(source: Path, teacher: bool) -> Path:
     """The checkpoint to export: ``source`` itself, or the teacher its run distilled from."""
     if not teacher:
@@ -77,8 +95,7 @@ def default_out(source: Path, options: ExportOptions) -> Path:
 def export_model(source: Path, options: ExportOptions, log: Callable[[str], None] = print) -> Tuple[Path, ModelPackage]:
     """Export ``source`` (a run directory or checkpoint) as a model package; returns its folder."""
     fmt = check_export_args(options.format, options.precision, options.input_kind)  # check
-    if options.max_batch < 1:
-        raise CSKDError(f"--max-batch must be at least 1, got {options.max_batch}")
+    check_counts(options)
     fmt.preflight(options.engine)  # e.g. TensorRT and a CUDA GPU, before any work
     if options.backend is not None and options.backend not in backend_names():
         raise CSKDError(f"--backend {options.backend} is not one of {', '.join(backend_names())}")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from cskd.data.datasets import build_dataset
 from cskd.data.idx import read_idx, read_idx_split
+from cskd.data.samples import sample_images
 from cskd.data.transforms import eval_transform, normalize, train_transform
 from cskd.errors import CSKDError
 
@@ -101,3 +102,24 @@ def test_the_recorded_crop_box_is_the_region_the_image_came_from():
         if geometry["flip"]:
             expected = TF.hflip(expected)
         assert torch.equal(x, TF.to_tensor(expected))
+
+
+class _Tiny(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int):
+        return torch.full((1, 2, 2), i / 255), i
+
+
+@pytest.mark.parametrize("count, skip", [(0, 0), (-2, 0), (3, -1)])
+def test_a_sample_of_no_images_or_from_before_the_start_is_refused(count, skip):
+    # a negative bound sliced the fixed order from its end: -2 took 8 of the 10 images
+    with pytest.raises(CSKDError, match=f"cannot sample {count} images after the first {skip}: ask for 1 or more"):
+        sample_images(_Tiny(), count, skip)
+
+
+def test_a_sample_past_the_end_says_another_sample_took_the_images():
+    assert len(sample_images(_Tiny(), 3, skip=8)[0]) == 2  # fewer where the data set ends
+    with pytest.raises(CSKDError, match="the data set has 10 and the first 10 are another sample's"):
+        sample_images(_Tiny(), 3, skip=10)

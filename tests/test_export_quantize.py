@@ -141,3 +141,21 @@ def test_int8_tuning_images_are_never_calibration_images(monkeypatch, tmp_path, 
 def test_a_split_calibration_takes_whole_is_refused_with_the_fix(monkeypatch, tmp_path):
     with pytest.raises(CSKDError, match=r"300 images, all taken by calibration \(--calib-images 512\).*--tuning-images 0"):
         int8_image_indices(monkeypatch, tmp_path, 300, 512, 1_000, print)
+
+
+@pytest.mark.parametrize("flag, kwargs", [
+    ("--calib-images 0", {"calib_images": 0}),
+    ("--calib-images -5", {"calib_images": -5}),
+    ("--parity-images 0", {"parity_images": 0}),
+    ("--tuning-images -1", {"tuning_images": -1}),
+    ("--max-batch 0", {"max_batch": 0}),
+])
+def test_an_image_count_below_its_least_is_refused_with_the_fix_before_any_work(tmp_path, flag, kwargs):
+    from cskd.export import exporter
+
+    name = flag.split()[0]
+    least = 0 if name == "--tuning-images" else 1
+    default = getattr(exporter.ExportOptions(), next(iter(kwargs)))
+    with pytest.raises(CSKDError, match=rf"^{flag} is below {least}: .*; pass {name} {default} \(the default\)"):
+        exporter.export_model(tmp_path / "no-run", exporter.ExportOptions(precision="int8", out=tmp_path / "x", **kwargs))
+    assert not (tmp_path / "x").exists()

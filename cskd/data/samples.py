@@ -49,10 +49,13 @@ def sample_images(dataset: Dataset, count: int, skip: int = 0) -> Tuple[np.ndarr
     """Images ``skip`` to ``skip + count`` of :func:`sample_order` (fewer where ``dataset`` ends) as
     uint8 ``[N, C, H, W]`` with their labels; the dataset's transform must give [0, 1] tensors. A
     sample that skips the images of another shares none with it."""
+    if count < 1 or skip < 0:  # a negative bound would slice from the order's end
+        raise CSKDError(f"cannot sample {count} images after the first {skip}: ask for 1 or more and skip 0 or more")
     picks = sample_order(len(dataset))[skip : skip + count].tolist()
     if not picks:
-        raise CSKDError(f"no images to sample: the data set has {len(dataset)} and the first {skip} are another sample's; "
-                        "ask for fewer images or use a larger data set")
+        taken = f" and the first {skip} are another sample's" if skip else ""
+        raise CSKDError(f"no images to sample: the data set has {len(dataset)}{taken}; use a larger data set"
+                        + (" or a smaller other sample" if skip else ""))
     images = np.stack([(dataset[i][0].numpy() * 255.0).round().clip(0, 255).astype(np.uint8) for i in picks])
     labels = np.array([dataset[i][1] for i in picks])
     return images, labels
