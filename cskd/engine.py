@@ -15,6 +15,7 @@ from cskd.data.transforms import normalize
 from cskd.distributed import DistEnv, all_reduce_sum
 from cskd.errors import CSKDError
 from cskd.loss import ckf_ratio, training_progress
+from cskd.progress import Progress
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
@@ -87,7 +88,7 @@ def train_one_epoch(
     epoch: int,
     steps_per_epoch: int,
     total_steps: int,
-    progress_bar: Optional[object] = None,
+    progress_bar: Optional[Progress] = None,
 ) -> Dict[str, float]:
     """Train for one epoch; returns the mean of each loss part, the last lr, CKF ratio and images/s."""
     ctx.model.train()
@@ -164,7 +165,7 @@ def evaluate(
     norm: Normalization,
     env: DistEnv,
     amp_dtype: Optional[torch.dtype] = None,
-    progress_bar: Optional[object] = None,
+    progress_bar: Optional[Progress] = None,
 ) -> Dict[str, Dict[str, float]]:
     """Top-1 and top-5 accuracy (percent) of every head ``head_logits(model, images)`` gives,
     summed over all processes."""
