@@ -154,15 +154,25 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
     def metrics(self, up_to_epoch: Optional[int] = None) -> List[Dict[str, Any]]:
-        """The rows of metrics.jsonl, optionally only those of epochs 1..up_to_epoch."""
+        """The rows of metrics.jsonl, optionally only those of epochs 1..up_to_epoch. An unreadable
+        last line is left out: a crash cut its append short."""
         path = self.path / self.METRICS
         if not path.exists():
             return []
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+        rows = []
+        for i, (number, line) in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break  # the torn append of a crash
+                raise CSKDError(f"{path} line {number} is not JSON: {line[:60]!r}; delete or mend that line and rerun") from None
         return [r for r in rows if up_to_epoch is None or r["epoch"] <= up_to_epoch]
 
     def truncate_metrics(self, completed_epochs: int) -> None:
-        """Drop lines of epochs after the resumed checkpoint (a crash may have logged them)."""
+        """Drop lines of epochs after the resumed checkpoint (a crash may have logged them) and a
+        torn last line."""
         rows = self.metrics(completed_epochs)
         atomic_write_text(self.path / self.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
