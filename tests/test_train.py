@@ -299,5 +299,6 @@ def test_training_off_a_terminal_logs_a_line_per_epoch_not_bar_frames(tmp_path, 
     cfg = load_config(None, quick_overrides(tmp_path, **SUPERVISED))
     train(cfg, show_progress=True)  # pytest's captured stderr is not a terminal, like CI or `docker logs`
     err = capsys.readouterr().err
-    assert "\r" not in err
-    assert [line.split(":")[0] for line in err.splitlines()] == ["epoch 1/2", "epoch 2/2"]
+    assert "\r" not in err  # no bar frame anywhere, whatever else (warnings...) stderr holds
+    summaries = [line.split(":")[0] for line in err.splitlines() if line.startswith("epoch ")]
+    assert summaries == ["epoch 1/2", "epoch 2/2"]  # one summary line per epoch
