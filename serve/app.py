@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence, Tuple
 
 import numpy as np
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.routing import Route
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import compile_path
 
 from cskd import __version__
 from cskd.runtime.backends import BackendOptions, create_backend
 from cskd.serve.batcher import DynamicBatcher
-from cskd.serve.errors import APIError, error_response, install_handlers
+from cskd.serve.errors import APIError, error_response, install_handlers, response_for
 from cskd.serve.metrics import create_metrics
 from cskd.serve.parsing import parse_count
 from cskd.serve.routers import health, kserve, model, predict
@@ -129,6 +132,7 @@ def create_app(model_dir: str = "", **settings: Any) -> FastAPI:
                   description="Image classification with a distilled ViT exported by cskd.")
     app.state.serving = serving
     install_handlers(app)
+    app.add_middleware(InferenceLane, routes=INFERENCE_ROUTES)  # innermost: after the body limit, CORS and metrics
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
@@ -136,23 +140,39 @@ def create_app(model_dir: str = "", **settings: Any) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=serving.metrics)
     for router in (health.router, predict.router, model.router, kserve.router, kserve.models):
         app.include_router(router)
-    _dispatch_first(app, INFERENCE_ROUTES)
     return app
 
 
 # The inference routes are declared on their routers (so /docs and the OpenAPI schema describe them)
-# and dispatched by plain Starlette routes at the head of the table: FastAPI's routing and dependency
-# solving cost ~150 us of CPU per request here (docs/benchmarks.md), a fifth of the student's engine
-# time. Their endpoints take only the request and check key and readiness themselves (serving_for).
+# and answered by InferenceLane, inside the metrics and body-limit middleware but before FastAPI's
+# exception middleware, router and dependency solving, which cost ~150 us of CPU per request here
+# (docs/benchmarks.md): a tenth of the student's engine time. Their endpoints take only the request
+# and check key and readiness themselves (serving_for).
 INFERENCE_ROUTES = [("/predict", predict.predict), ("/v2/models/{name}/infer", kserve.infer),
                     ("/v2/models/{name}/versions/{version}/infer", kserve.infer)]
 
 
-def _dispatch_first(app: FastAPI, routes) -> None:
-    for path, endpoint in reversed(routes):
-        app.router.routes.insert(0, Route(path, endpoint, methods=["POST"], include_in_schema=False))
+@dataclass(frozen=True)
+class _Route:
+    path: str  # the template, as FastAPI's routes name themselves in the scope (the metrics' route label)
 
 
-def create_app_from_env() -> FastAPI:
-    """uvicorn factory for ``--workers N``: every setting from ``CSKD_SERVE_*`` variables."""
-    return create_app()
+class InferenceLane:
+    """POSTs to the inference routes go straight to their endpoints; everything else to the app."""
+
+    def __init__(self, app, routes: Sequence[Tuple[str, Callable[[Request], Awaitable[Response]]]]) -> None:
+        self.app = app
+        self.routes = [(compile_path(path)[0], _Route(path), endpoint) for path, endpoint in routes]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            for pattern, route, endpoint in self.routes:
+                match = pattern.match(scope["path"])
+                if match:
+                    scope["route"], scope["path_params"] = route, match.groupdict()
+                    try:
+                        response = await endpoint(Request(scope, receive, send))
+                    except Exception as exc:  # the app's own handlers would answer the same
+                        response = response_for(exc, scope["path"])
+                    return await response(scope, receive, send)
+        return await self.app(scope, receive, send)

@@ -53,10 +53,18 @@ def error_response(status: int, code: str, message: str, path: str, headers: Opt
     return JSONResponse(error_body(code, message, path), status_code=status, headers=headers)
 
 
+def response_for(exc: Exception, path: str) -> JSONResponse:
+    """The answer to an APIError, or to anything unexpected (a backend that fails, or a bug): still the
+    contract's JSON (and v2's ``{"error"}``), never a plain-text page or a dropped connection."""
+    if isinstance(exc, APIError):
+        return error_response(exc.status, exc.code, exc.message, path, exc.headers)
+    return error_response(500, "internal_error", f"the server failed on this request ({type(exc).__name__}: {exc})", path)
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, request.url.path, exc.headers)
+        return response_for(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -66,9 +74,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # a backend that fails, or a bug: still the contract's JSON (and v2's {"error"}), never a plain-text page
-        return error_response(500, "internal_error", f"the server failed on this request ({type(exc).__name__}: {exc})",
-                              request.url.path)
+        return response_for(exc, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -409,3 +409,14 @@ def test_a_stuck_backend_turns_the_server_unready_and_requests_end_by_their_dead
             time.sleep(0.05)
         assert c.get("/readyz").status_code == 200
         assert c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")}).status_code == 200
+
+
+def test_inference_routes_are_counted_under_their_own_route_label(client):
+    name = client.get("/v1/model").json()["name"]
+    assert client.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")}).status_code == 200
+    tensor = {"name": "input", "shape": [1, 1, 32, 32], "datatype": "FP32", "data": [0.0] * 1024}
+    assert client.post(f"/v2/models/{name}/infer", json={"inputs": [tensor]}).status_code == 200
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith("cskd_http_requests_total{")]
+    assert any('route="/predict"' in line and 'status="200"' in line for line in lines)
+    assert any('route="/v2/models/{name}/infer"' in line for line in lines)
+    assert not any('route="unmatched"' in line for line in lines)
