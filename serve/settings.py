@@ -23,7 +23,8 @@ class ServeSettings(BaseSettings):
                                            "CUDAExecutionProvider,CPUExecutionProvider (default: CUDA when available, else CPU)")
     max_batch: int = Field(32, ge=1, description="most images one inference runs together")
     # 0: a request runs as soon as the engine is free, and what arrives meanwhile forms the next batch
-    # (Triton's default); measured faster than a fill window at every load here (docs/benchmarks.md).
+    # (Triton's default). A 2 ms window measured twice the latency at concurrency 1 and ~6% more
+    # throughput at 16 on the demo student (docs/benchmarks.md).
     max_wait_ms: float = Field(0.0, ge=0, description="how long a batch waits to fill after its first image (0: never waits)")
     max_queue: int = Field(256, ge=1, description="images waiting at most; beyond, 503 with Retry-After")
     request_timeout_s: float = Field(10.0, gt=0, description="an image still queued after this is dropped (503)")
