@@ -201,6 +201,9 @@ def cache_teacher(cfg: Config, out: Path, topk: Optional[int] = None, shard_size
         out = Path(out)
         _, info = build_dataset(cfg.data.name, "val", cfg.data.path, cfg.data.channels)
         topk = storage_topk(info.num_classes, topk)  # before the teacher loads: what cannot be stored is refused now
+        if cfg.data.interpolation == "random":  # timm's training crop draws one per image; a cache resizes once
+            raise CSKDError("a teacher cache resizes every image once, so it needs one interpolation, not "
+                            "data.interpolation=random; cache and train with data.interpolation=bicubic (or bilinear)")
         transform = whole_image_transform(cfg.student.img_size, info.channels, cfg.data.interpolation)
         dataset, _ = build_dataset(cfg.data.name, "train", cfg.data.path, cfg.data.channels, transform)
         teacher = load_teacher(cfg, info, env.device)

@@ -85,6 +85,13 @@ def test_what_cannot_be_stored_is_refused_before_the_teacher_runs(tmp_path, monk
         cache_teacher(cfg, tmp_path / "c", topk=10, show_progress=False)
 
 
+def test_a_random_interpolation_is_refused_before_the_teacher_runs(tmp_path, monkeypatch, micro_teacher):
+    monkeypatch.setattr(cskd.teachers, "load_teacher", lambda *a, **k: pytest.fail("the teacher ran"))
+    cfg = load_config(None, ["data.workers=0", "data.interpolation=random", *micro_teacher])
+    with pytest.raises(CSKDError, match="needs one interpolation"):  # was a KeyError from the resize
+        cache_teacher(cfg, tmp_path / "c", show_progress=False)
+
+
 def test_an_interrupted_cache_resumes_with_the_missing_shards_only(tmp_path, monkeypatch, build):
     out = tmp_path / "c"
     real = cskd.teachers.write_cache
