@@ -171,6 +171,8 @@ class DynamicBatcher:
         if batch:
             self._busy_since = time.monotonic()
             self._worker.run(lambda: self._work(batch), lambda results: self._finish(batch, results))
+        elif not self._queue:  # every request taken had been cancelled by its caller
+            self._idle.set()
 
     def _take(self) -> tuple[List[_Pending], int]:
         """The queue's head requests that fit ``max_batch`` rows (a larger request goes alone, sliced)."""

@@ -225,3 +225,21 @@ def test_close_answers_everything_accepted():
 
     results, sizes = run(scenario())
     assert results == [0.0, 2.0, 4.0, 6.0, 8.0] and sizes == [2, 2, 1]
+
+
+def test_a_request_its_caller_gave_up_on_is_never_run_and_close_does_not_wait_for_it():
+    async def scenario():
+        backend = Recorder()
+        batcher = DynamicBatcher(backend, max_batch=4, max_wait_ms=100, max_queue=8)  # held in a fill window
+        batcher.start()
+        gone = asyncio.ensure_future(batcher.submit(np.zeros((1, 2)), 5.0))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the client disconnected
+        await asyncio.sleep(0.2)  # the window closes on nothing to run
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await batcher.close(drain_s=5.0)
+        return backend.sizes, batcher.depth, loop.time() - started
+
+    sizes, depth, closing = run(scenario())
+    assert sizes == [] and depth == 0 and closing < 1.0
