@@ -51,7 +51,7 @@ for package in "$@"; do
   label=$(basename "$package")
   http=$(free_port); grpc=$(free_port)
   grpc_flag=(--grpc-port "$grpc")
-  [[ " $protocols " == *" grpc "* ]] || grpc_flag=()
+  [[ " $protocols " == *" grpc "* ]] || grpc_flag=(--grpc-port 0)  # not the default 8001: several servers run at once
   # shellcheck disable=SC2086  # SERVE and SERVE_ARGS are command lines
   $serve "$package" --port "$http" "${grpc_flag[@]}" --log-level warning ${SERVE_ARGS:-} > "$out/$label.server.log" 2>&1 &
   pids+=($!); labels+=("$label"); http_ports+=("$http"); grpc_ports+=("$grpc")

@@ -117,6 +117,9 @@ def check_gates(result: Dict, options: BenchOptions) -> List[str]:
                 failures.append(f"{row['model']} top-1 {row['top1']:.2f}% is {drop:.2f} points below the teacher's "
                                 f"{teacher_top1:.2f}%, allowed {options.max_accuracy_drop}")
     for row in result.get("served", []):
+        if row["non_2xx"]:  # a server that answers errors fast would otherwise look fast
+            failures.append(f"{row['model']} served at concurrency {row['concurrency']} gave {row['non_2xx']} non-2xx answers "
+                            "or failed requests; see its server log")
         if row["role"] != "teacher" and options.expect_speedup is not None and row["served_speedup"] < options.expect_speedup:
             figure = "p50 latency" if row["concurrency"] == 1 else "throughput"
             failures.append(f"{row['model']} served at concurrency {row['concurrency']} is {row['served_speedup']:.2f}x the "

@@ -97,19 +97,23 @@ class Server:
             command += ["--threads", str(options.threads)]
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_ready(options.ready_timeout_s, log_path)
+        try:
+            self._wait_ready(options.ready_timeout_s, log_path)
+        except BaseException:
+            self.close()
+            raise
 
     def _wait_ready(self, timeout_s: float, log_path: Path) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.log.close()
                 raise CSKDError(f"cskd serve exited with code {self.process.returncode}: {log_path.read_text()[-2000:]}")
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=2):
                     return
             except OSError:
                 time.sleep(0.25)
-        self.close()
         raise CSKDError(f"cskd serve was not ready within {timeout_s:g} s; its log: {log_path}")
 
     def close(self) -> None:
@@ -119,7 +123,9 @@ class Server:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-        self.log.close()
+                self.process.wait()
+        if not self.log.closed:
+            self.log.close()
 
     def __enter__(self) -> "Server":
         return self
@@ -131,7 +137,10 @@ class Server:
 def run_hey(url: str, body: Path, header_length: int, concurrency: int, seconds: float) -> Dict:
     command = ["hey", "-z", f"{seconds:g}s", "-c", str(concurrency), "-m", "POST", "-T", "application/octet-stream",
                "-H", f"Inference-Header-Content-Length: {header_length}", "-D", str(body), url]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        raise CSKDError(f"hey did not finish {seconds:g} s of load within a minute more; is the server stuck?") from None
     if done.returncode != 0:
         raise CSKDError(f"hey failed ({done.returncode}): {done.stderr[-500:]}")
     return parse_hey(done.stdout)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from cskd.serve.parsing import parse_count
 from cskd.serve.routers import health, kserve, model, predict
 from cskd.serve.settings import ServeSettings
 from cskd.serve.state import Serving
+
+logger = logging.getLogger("cskd.serve")
 
 
 def _lifespan(serving: Serving):
@@ -173,6 +176,8 @@ class InferenceLane:
                     try:
                         response = await endpoint(Request(scope, receive, send))
                     except Exception as exc:  # the app's own handlers would answer the same
+                        if not isinstance(exc, APIError):  # a failing backend or a bug: into the server log
+                            logger.exception("%s %s failed", scope["method"], scope["path"])
                         response = response_for(exc, scope["path"])
                     return await response(scope, receive, send)
         return await self.app(scope, receive, send)

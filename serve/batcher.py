@@ -141,6 +141,8 @@ class DynamicBatcher:
             return await pending.future
         finally:
             deadline.cancel()
+            if pending.queued and pending.future.cancelled():  # its caller went away: free its place now
+                self._unqueue(pending)
 
     async def close(self, drain_s: float = 30.0) -> None:
         """Refuse new work, answer everything accepted (within ``drain_s``), stop the worker."""
@@ -157,6 +159,8 @@ class DynamicBatcher:
     def _dispatch(self, window_over: bool = False) -> None:
         """Start the next batch if the engine is free and the queue holds work (and its fill window,
         if any, is over or the batch is full)."""
+        if window_over:
+            self._window = None
         if self._busy_since is not None or not self._queue:
             return
         if self.max_wait > 0 and not (window_over or self._closing) and self._rows_queued < self.max_batch:
@@ -214,16 +218,20 @@ class DynamicBatcher:
             return
         waited = time.monotonic() - pending.enqueued
         if pending.queued:
-            self._queue.remove(pending)
-            self._rows_queued -= pending.count
-            self.on_queue(self._rows_queued)
+            self._unqueue(pending)
             pending.future.set_exception(DeadlineExceeded(f"dropped after {waited:.1f} s in the queue"))
-            if self._busy_since is None and not self._queue:
-                self._idle.set()
         else:
             pending.future.set_exception(InferenceTimeout(
                 f"inference did not finish within {waited:.1f} s (the backend has been busy with this batch for "
                 f"{time.monotonic() - self._busy_since:.1f} s)"))
+
+    def _unqueue(self, pending: _Pending) -> None:
+        self._queue.remove(pending)
+        pending.queued = False
+        self._rows_queued -= pending.count
+        self.on_queue(self._rows_queued)
+        if self._busy_since is None and not self._queue:
+            self._idle.set()
 
     def _fail_all(self, error: Exception) -> None:
         while self._queue:

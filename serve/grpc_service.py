@@ -14,6 +14,7 @@ read it from the ``authorization: Bearer KEY`` metadata.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from typing import Any, Awaitable, Callable, List
@@ -59,6 +60,9 @@ def _rpc(handler: Handler) -> Handler:
             code = grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, str(exc))
         except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:  # the client went away or its deadline passed
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:  # a failing backend or a bug: a status, never a dropped stream
             code = grpc.StatusCode.INTERNAL

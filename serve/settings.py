@@ -27,13 +27,20 @@ class ServeSettings(BaseSettings):
     # throughput at 16 on the demo student (docs/benchmarks.md).
     max_wait_ms: float = Field(0.0, ge=0, description="how long a batch waits to fill after its first image (0: never waits)")
     max_queue: int = Field(256, ge=1, description="images waiting at most; beyond, 503 with Retry-After")
-    request_timeout_s: float = Field(10.0, gt=0, description="an image still queued after this is dropped (503)")
+    request_timeout_s: float = Field(10.0, gt=0, description="every request ends by then: still queued, 503; in a batch the "
+                                     "backend has not returned, 504 (a longer call turns /readyz unready)")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_images: int = Field(64, ge=1, description="images per request")
     max_pixels: int = Field(40_000_000, ge=1, description="pixels per decoded image (decompression bombs)")
     max_top_k: int = 100
     api_key: Optional[str] = Field(None, description="require 'Authorization: Bearer KEY' (health endpoints exempt)")
     cors_origins: List[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
+
+    @model_validator(mode="after")
+    def _grpc_port_is_its_own(self) -> "ServeSettings":
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port={self.grpc_port} is the HTTP port too; give gRPC its own port (or 0 for none)")
+        return self
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> "ServeSettings":

@@ -52,6 +52,7 @@ def test_the_request_hey_sends_is_one_image_the_server_parses_back():
     assert parsed.wants_binary("logits") and [name for name, _ in parsed.outputs] == ["logits"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("hey") is None, reason="cskd bench --served drives servers with hey (apt-get install hey)")
 def test_served_bench_serves_every_package_and_reports_served_against_engine_speedups(packages, tmp_path):  # noqa: F811
     student, teacher = packages
@@ -69,3 +70,14 @@ def test_served_bench_serves_every_package_and_reports_served_against_engine_spe
     assert student_c1["engine_batch"] == 1 and student_c1["engine_speedup"] == engine["speedup_vs_teacher"]
     assert rows["student", 4]["engine_batch"] == 4  # the largest benchmarked batch not above the concurrency
     assert any("served at concurrency 1" in f for f in result["failures"])  # the gate reads the served figures too
+
+
+def test_failed_served_requests_fail_the_bench_whatever_the_speedup():
+    from cskd.bench import BenchOptions, check_gates
+
+    engine = [{"model": m, "role": r, "batch": 1, "speedup_vs_teacher": x, "top1": None} for m, r, x in (("T", "teacher", 1.0),
+                                                                                                         ("S", "student", 5.0))]
+    served = [{"model": "T", "role": "teacher", "concurrency": 1, "served_speedup": 1.0, "non_2xx": 0},
+              {"model": "S", "role": "student", "concurrency": 1, "served_speedup": 50.0, "non_2xx": 7}]  # fast because failing
+    failures = check_gates({"rows": engine, "served": served}, BenchOptions(expect_speedup=2.0))
+    assert failures == ["S served at concurrency 1 gave 7 non-2xx answers or failed requests; see its server log"]

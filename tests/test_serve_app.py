@@ -336,6 +336,11 @@ def test_a_failing_backend_answers_json_500_and_the_server_keeps_working(package
         assert c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")}).status_code == 200
 
 
+def test_a_grpc_port_equal_to_the_http_port_is_refused_at_start(package_dir):
+    with pytest.raises(ValueError, match="give gRPC its own port"):
+        create_app(package_dir, port=8000, grpc_port=8000)
+
+
 def test_a_queue_smaller_than_one_request_is_refused_at_start(package_dir):
     with pytest.raises(ValueError, match="max_queue=8 is below max_images=64"):
         create_app(package_dir, max_queue=8)

@@ -243,3 +243,23 @@ def test_a_request_its_caller_gave_up_on_is_never_run_and_close_does_not_wait_fo
 
     sizes, depth, closing = run(scenario())
     assert sizes == [] and depth == 0 and closing < 1.0
+
+
+def test_a_queued_request_whose_caller_left_frees_its_place_at_once():
+    async def scenario():
+        batcher = DynamicBatcher(Recorder(delay=0.3), max_batch=4, max_wait_ms=0, max_queue=2)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(np.zeros((1, 2)), 5.0))  # takes the engine
+        await asyncio.sleep(0.01)
+        left = asyncio.ensure_future(batcher.submit(np.zeros((2, 2)), 5.0))  # fills the queue
+        await asyncio.sleep(0.01)
+        left.cancel()
+        await asyncio.sleep(0.01)
+        depth = batcher.depth
+        after = await batcher.submit(np.full((2, 2), 1.0), 5.0)  # would be QueueFull while the ghost held its rows
+        await running
+        await batcher.close()
+        return depth, after
+
+    depth, after = run(scenario())
+    assert depth == 0 and np.array_equal(after, [[2.0], [2.0]])

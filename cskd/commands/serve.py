@@ -63,6 +63,7 @@ def check_port_free(host: str, port: int, flag: str) -> None:
     """Refuse in one line, before anything starts, a port another process listens on."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a listener fails, TIME_WAIT does not
         try:
             probe.bind((host, port))
         except OSError as exc:
