@@ -20,7 +20,7 @@ from cskd.bench_served import ServedModel, ServedOptions, measure_served, served
 from cskd.errors import CSKDError
 from cskd.evaluate import ModelInput, real_images
 from cskd.files import atomic_write_json
-from cskd.plots import plot_bench
+from cskd.plots import plot_bench, plot_served
 from cskd.progress import progress
 from cskd.runtime.backends import Backend, BackendOptions, create_backend, run_batched
 from cskd.runtime.package import ModelPackage
@@ -190,4 +190,6 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
     result["failures"] = check_gates(result, options)
     atomic_write_json(options.out / "bench.json", result)
     result["plots"] = [str(p) for p in plot_bench(result, options.out)]
+    if "served" in result:
+        result["plots"].append(str(plot_served(result["served"], options.out / "served.png")))
     return result

@@ -76,3 +76,26 @@ def plot_bench(result: Dict[str, Any], folder: Path) -> List[Path]:
     fig.tight_layout()
     _save(fig, paths[1])
     return paths
+
+
+def plot_served(rows: List[Dict[str, Any]], path: Path) -> Path:
+    """``served.png``: each student's speedup over the teacher as its engine measures it and as served,
+    side by side per concurrency (the rows of a ``cskd bench --served`` result)."""
+    plt = _pyplot()
+    students = [r for r in rows if r["role"] != "teacher"]
+    labels = [f"{r['model'].split(' (')[0]}\nc{r['concurrency']} (engine b{r['engine_batch']})" for r in students]
+    x = range(len(students))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(students)), 4))
+    ax.bar([i - 0.2 for i in x], [r["engine_speedup"] for r in students], 0.4, label="engine (cskd bench)")
+    ax.bar([i + 0.2 for i in x], [r["served_speedup"] for r in students], 0.4, label="served (cskd serve + hey)")
+    for i, r in zip(x, students):
+        ax.annotate(f"{100 * r['served_of_engine']:.0f}%", (i + 0.2, r["served_speedup"]), ha="center", fontsize=8,
+                    xytext=(0, 3), textcoords="offset points")
+    ax.set_xticks(list(x), labels, fontsize=8)
+    top = max(max(r["engine_speedup"], r["served_speedup"]) for r in students)
+    ax.set(ylabel="speedup over the teacher (x)", title="does the engine's win survive serving? (% kept)", ylim=(0, 1.3 * top))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return path

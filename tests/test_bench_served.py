@@ -70,6 +70,7 @@ def test_served_bench_serves_every_package_and_reports_served_against_engine_spe
     assert student_c1["engine_batch"] == 1 and student_c1["engine_speedup"] == engine["speedup_vs_teacher"]
     assert rows["student", 4]["engine_batch"] == 4  # the largest benchmarked batch not above the concurrency
     assert any("served at concurrency 1" in f for f in result["failures"])  # the gate reads the served figures too
+    assert (tmp_path / "served.png").stat().st_size > 5000 and str(tmp_path / "served.png") in result["plots"]
 
 
 def test_failed_served_requests_fail_the_bench_whatever_the_speedup():
