@@ -22,7 +22,7 @@ fi
 run() {  # name, extra serve flags...
   local name=$1; shift
   local port=$((18000 + RANDOM % 1000))
-  python3 -m cskd serve "$model" --port "$port" --log-level warning "$@" > "$out/$name.server.log" 2>&1 &
+  python3 -m cskd serve "$model" --port "$port" --grpc-port 0 --log-level warning "$@" > "$out/$name.server.log" 2>&1 &
   local launcher=$!
   for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/readyz" > /dev/null && break; sleep 0.5; done
   local pid

@@ -49,16 +49,6 @@ def snapshot(pid: int, url: str) -> dict:
     return {"cpu_s": cpu, "rss_kb": rss, **values}
 
 
-def parse_hey(text: str) -> dict:
-    number = lambda pattern: float(re.search(pattern, text).group(1))  # noqa: E731
-    statuses = {code: int(n) for code, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", text)}
-    return {"requests_per_s": number(r"Requests/sec:\s+([0-9.]+)"),
-            "p50_ms": 1000 * number(r"50%+ in ([0-9.]+) secs"), "p90_ms": 1000 * number(r"90%+ in ([0-9.]+) secs"),
-            "p99_ms": 1000 * number(r"99%+ in ([0-9.]+) secs"), "statuses": statuses,
-            "non_2xx": sum(n for code, n in statuses.items() if not code.startswith("2")),
-            "errors": len(re.findall(r"Error distribution", text))}
-
-
 def cpu_per_wall(backend, spec, batch: int, seconds: float = 3.0) -> float:
     """CPU seconds ``backend`` keeps busy per second of a call at ``batch`` (its threads), measured on
     the now idle machine with the serving backend's own defaults."""
@@ -78,6 +68,7 @@ def cpu_per_wall(backend, spec, batch: int, seconds: float = 3.0) -> float:
 
 
 def report(out: Path, names: list, model: Path) -> None:
+    from cskd.bench_served import parse_hey
     from cskd.runtime.backends import create_backend
 
     backend, package = create_backend(model)
