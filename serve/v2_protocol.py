@@ -100,11 +100,10 @@ def _input_tensor(raw: Any, index: int, blob: memoryview) -> Tuple[Tensor, int]:
     name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
     check_tensor_header(name, datatype, shape, index)
     size = _parameters(raw, f"inputs[{index}]").get("binary_data_size")
-    if size is not None:
-        expected = math.prod(shape) * np.dtype(DATATYPES[datatype]).itemsize
-        if not isinstance(size, int) or isinstance(size, bool) or size != expected or size > len(blob):
-            raise ProtocolError(f"inputs[{index}] ({name}): binary_data_size {size!r} does not hold {shape} {datatype} "
-                                f"({expected} bytes) or exceeds the {len(blob)} bytes sent")
+    if size is not None:  # tensor_from_bytes checks that the size holds the shape
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(blob):
+            raise ProtocolError(f"inputs[{index}] ({name}): binary_data_size {str(size)[:40]} is not a size within the "
+                                f"{len(blob)} bytes sent after the header")
         return tensor_from_bytes(name, datatype, shape, blob[:size], index), size
     if "data" not in raw:
         raise ProtocolError(f"inputs[{index}] ({name}) has neither 'data' nor a binary_data_size parameter")
