@@ -27,7 +27,7 @@ from cskd.errors import CSKDError
 from cskd.serve import v2_model
 from cskd.serve.errors import APIError
 from cskd.serve.security import check_api_key
-from cskd.serve.state import Serving
+from cskd.serve.state import Serving, admitted
 from cskd.serve.v2_protocol import ProtocolError, Tensor, check_tensor_header, tensor_from_bytes, tensor_from_values
 
 # HTTP status of an APIError -> the gRPC code Triton answers the same failure with
@@ -79,16 +79,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
 
-    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        check_api_key(self.serving.settings.api_key, dict(context.invocation_metadata() or ()).get("authorization", ""))
+    def _authorization(self, context: grpc.aio.ServicerContext) -> str:
+        return dict(context.invocation_metadata() or ()).get("authorization", "")
 
     def _model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> Serving:
-        """The serving state for a model RPC: key checked, model loaded, name and version this server's."""
-        self._authorize(context)
-        if not self.serving.ready:
-            raise APIError(503, "not_ready", "the model is still loading; retry shortly")
-        v2_model.check_model(self.serving, name, version)
-        return self.serving
+        """The serving state for a model RPC: admitted as HTTP's inference routes are, name and version this server's."""
+        serving = admitted(self.serving, self._authorization(context))
+        v2_model.check_model(serving, name, version)
+        return serving
 
     @_rpc
     async def ServerLive(self, request, context):
@@ -104,7 +102,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelReady(self, request, context):
-        self._authorize(context)
+        check_api_key(self.serving.settings.api_key, self._authorization(context))
         if not self.serving.ready:
             return service_pb2.ModelReadyResponse(ready=False)
         v2_model.check_model(self.serving, request.name, request.version)

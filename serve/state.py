@@ -77,12 +77,17 @@ class Serving:
         return logits
 
 
-def serving_for(request: Request) -> Serving:
-    """The app's serving state, ready to infer: what the inference routes call first (they run as
-    plain Starlette routes, without FastAPI's dependency machinery; see ``app.py``)."""
-    serving: Serving = request.app.state.serving
-    check_api_key(serving.settings.api_key, request.headers.get("authorization", ""))
+def admitted(serving: Serving, authorization: str) -> Serving:
+    """``serving``, once the caller's ``Authorization`` value carries the key (if one is set) and the
+    model is ready: the check every inference entry (HTTP inference routes, gRPC model RPCs) makes first."""
+    check_api_key(serving.settings.api_key, authorization)
     return _ready(serving)
+
+
+def serving_for(request: Request) -> Serving:
+    """The app's serving state, admitted for this request: what the inference routes call first (they
+    are answered by ``InferenceLane``, without FastAPI's dependency machinery; see ``app.py``)."""
+    return admitted(request.app.state.serving, request.headers.get("authorization", ""))
 
 
 async def get_serving(request: Request) -> Serving:

@@ -81,7 +81,7 @@ _INFER_BODY = {"requestBody": {"required": True, "description": "v2 inference re
 @models.post("/{name}/versions/{version}/infer", summary="v2 inference (one version)", openapi_extra=_INFER_BODY,
              responses={**_MODEL_ERRORS, 400: {"description": "invalid request"}, 413: {"description": "too many images"}})
 async def infer(request: Request) -> Response:
-    """Runs as a plain Starlette route (see ``app.py``): it reads its own key, state and path."""
+    """Answered by ``InferenceLane`` (see ``app.py``): it reads its own key, state and path."""
     serving = serving_for(request)
     v2_model.check_model(serving, request.path_params["name"], request.path_params.get("version"))
     body = await request.body()

@@ -111,7 +111,7 @@ async def _read_images(request: Request, serving: Serving) -> tuple[List[bytes],
 @router.post("/predict", response_model=PredictResponse, summary="classify images", openapi_extra=_REQUEST_BODY,
              responses=_ERRORS)
 async def predict(request: Request) -> Response:
-    """Runs as a plain Starlette route (see ``app.py``): it reads its own query, key and state."""
+    """Answered by ``InferenceLane`` (see ``app.py``): it reads its own query, key and state."""
     serving = serving_for(request)
     raw_k = request.query_params.get("top_k")
     query_k = None if raw_k is None else parse_count(raw_k)
