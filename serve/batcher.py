@@ -162,6 +162,7 @@ class DynamicBatcher:
         if window_over:
             self._window = None
         if self._busy_since is not None or not self._queue:
+            self._settle()
             return
         if self.max_wait > 0 and not (window_over or self._closing) and self._rows_queued < self.max_batch:
             if self._window is None:
@@ -171,14 +172,13 @@ class DynamicBatcher:
         if self._window is not None:
             self._window.cancel()
             self._window = None
-        batch, rows = self._take()
+        batch = self._take()
         if batch:
             self._busy_since = time.monotonic()
             self._worker.run(lambda: self._work(batch), lambda results: self._finish(batch, results))
-        elif not self._queue:  # every request taken had been cancelled by its caller
-            self._idle.set()
+        self._settle()  # every request taken may have been cancelled by its caller
 
-    def _take(self) -> tuple[List[_Pending], int]:
+    def _take(self) -> List[_Pending]:
         """The queue's head requests that fit ``max_batch`` rows (a larger request goes alone, sliced)."""
         batch: List[_Pending] = []
         rows = 0
@@ -194,7 +194,7 @@ class DynamicBatcher:
             batch.append(head)
             rows += head.count
         self.on_queue(self._rows_queued)
-        return batch, rows
+        return batch
 
     def _finish(self, batch: List[_Pending], results: Union[List[Outcome], Exception]) -> None:
         """On the event loop: hand each request its outcome, then start the next batch."""
@@ -209,8 +209,6 @@ class DynamicBatcher:
             else:
                 pending.future.set_result(result)
         self._dispatch()
-        if self._busy_since is None and not self._queue:
-            self._idle.set()
 
     def _expire(self, pending: _Pending) -> None:
         """The request's deadline: drop it from the queue, or stop waiting for its batch."""
@@ -230,6 +228,10 @@ class DynamicBatcher:
         pending.queued = False
         self._rows_queued -= pending.count
         self.on_queue(self._rows_queued)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Nothing running and nothing queued: ``close`` may return."""
         if self._busy_since is None and not self._queue:
             self._idle.set()
 
