@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from cskd.bench_served import free_port
 from cskd.export.exporter import ExportOptions, export_model
 from cskd.serve.app import create_app
-from tests.test_serve_uvicorn import free_port
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the gRPC test needs tritonclient[grpc] (the dev extra)")
 from tritonclient.utils import InferenceServerException  # noqa: E402

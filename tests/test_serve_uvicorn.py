@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from cskd.bench_served import free_port
 from cskd.export.exporter import ExportOptions, export_model
 from cskd.loadtest import run_load
 from cskd.runtime.package import read_package
@@ -24,12 +24,6 @@ from cskd.runtime.preprocess import decode_image, to_engine_input
 from tests.test_serve_app import png_bytes, val_png_files
 
 API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
