@@ -3,18 +3,23 @@ the online teacher's when nothing moves."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from cskd.config import load_config
 from cskd.data.datasets import build_dataset
 from cskd.data.mixing import MixRecord, RecordingMixup
 from cskd.data.samples import Indexed
+from cskd.data.transfer import UNLABELED
 from cskd.data.transforms import train_transform
+from cskd.distributed import DistEnv
 from cskd.run import resolve_cache_reference
 from cskd.teacher_cache import TeacherCache
 from cskd.teachers import CachedTeacher, box_coverage, build_teacher_targets, cache_teacher, crop_maps, load_teacher, mix_maps
+from cskd.train import build_loaders
 from tests.conftest import write_imagefolder
 
 torch.manual_seed(0)
@@ -56,6 +61,11 @@ def test_flip_mirrors_the_map_and_global_logits_are_its_mean():
 def test_mixup_mixes_maps_with_the_images_weight():
     mixed = mix_maps(MAPS, MixRecord(0.3, None, (32, 32)))
     assert torch.allclose(mixed, 0.3 * MAPS + 0.7 * MAPS.flip(0))
+
+
+def test_with_transfer_images_only_the_labelled_rows_are_mixed():
+    mixed = mix_maps(MAPS, MixRecord(0.3, None, (32, 32)), rows=2)
+    assert torch.allclose(mixed[:2], 0.3 * MAPS[:2] + 0.7 * MAPS[:2].flip(0)) and torch.equal(mixed[2], MAPS[2])
 
 
 def test_cutmix_pastes_the_covered_cells_and_blends_a_half_covered_one():
@@ -110,10 +120,40 @@ def test_cached_targets_of_non_square_images_equal_the_online_teachers(tmp_path,
     transform = train_transform(32, 1, None, [1.0, 1.0], 0.0, 0.0, cfg.data.interpolation, 0.0)
     transform.crop_flip.crop.ratio = (0.5, 2.0)  # both aspect ratios allowed: the crop is the whole image
     dataset, info = build_dataset("imagefolder", "train", cfg.data.path, 1, transform)
+    # timm's crop tries 10 random aspect ratios before it takes the whole image; one that rounds to a
+    # pixel short of it passes now and then: a fixed seed, not the previous tests' draws, decides
+    torch.manual_seed(0)
     images, _, batch = next(iter(DataLoader(Indexed(dataset), batch_size=len(dataset))))
     assert torch.allclose(batch["box"], torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(len(dataset), 4))
     online_dense, online_global = load_teacher(cfg, info, torch.device("cpu"))(images)
     cached_dense, cached_global = build_teacher_targets(cfg, info, dataset, torch.device("cpu"))(images, batch)
     scale = online_dense.abs().max()
     assert (cached_dense - online_dense).abs().max() < 2e-3 * scale  # float16 storage
+    assert (cached_global - online_global).abs().max() < 2e-3 * scale
+
+
+def test_a_transfer_batchs_cached_targets_equal_the_online_teachers(tmp_path, micro_teacher):
+    """A cache over an image folder and a transfer set of unlabelled images, and a training batch of
+    both (nothing moves): every row's target, labelled or not, is the online teacher's (float16
+    rounding apart), so the transfer rows are looked up after the training split's."""
+    write_imagefolder(tmp_path / "data", [(32, 32)])
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        folder = tmp_path / "unlabelled" / f"part{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(folder / f"{i}.png")
+    cfg = load_config(None, ["data.name=imagefolder", f"data.path={tmp_path / 'data'}", "data.channels=1", "data.workers=0",
+                             f"data.unlabeled={tmp_path / 'unlabelled'}", "data.unlabeled_ratio=0.5", "train.batch_size=4",
+                             "data.scale=[1.0, 1.0]", "data.hflip=0", f"teacher.cache={tmp_path / 'cache'}", *micro_teacher])
+    assert cache_teacher(cfg, tmp_path / "cache", show_progress=False).count == 10 + 6
+    cpu = torch.device("cpu")
+    loaders = build_loaders(cfg, DistEnv(0, 1, 0, cpu), 32)
+    assert (loaders.labelled_images, loaders.transfer_images, loaders.transfer_batch) == (10, 6, 2)
+    images, targets, batch = next(iter(loaders.train))
+    assert len(images) == 6 and (targets[:4] >= 0).all() and (targets[4:] == UNLABELED).all()
+    assert (batch["index"][:4] < 10).all() and (batch["index"][4:] >= 10).all()
+    online_dense, online_global = load_teacher(cfg, loaders.info, cpu)(images)
+    cached_dense, cached_global = build_teacher_targets(cfg, loaders.info, loaders.train_split, cpu)(images, batch)
+    scale = online_dense.abs().max()
+    assert (cached_dense - online_dense).abs().max() < 2e-3 * scale
     assert (cached_global - online_global).abs().max() < 2e-3 * scale
