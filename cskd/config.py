@@ -31,6 +31,8 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes per training process
     max_train: Optional[int] = None  # use a fixed random subset of this many training images
     max_val: Optional[int] = None  # likewise for validation (quick experiments, tests)
+    unlabeled: Optional[str] = None  # transfer set: a folder of images or an IDX images file, supervised by the teacher only
+    unlabeled_ratio: float = 1.0  # transfer images per labelled image in each batch (a step costs 1 + ratio)
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec (DeiT's); null disables
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     hflip: float = 0.5
@@ -142,6 +144,7 @@ _RANGES = {
     "data.workers": (0, 256, True),
     "data.max_train": (1, 1 << 40, True),
     "data.max_val": (1, 1 << 40, True),
+    "data.unlabeled_ratio": (0, 64, False),
     "data.hflip": (0, 1, True),
     "data.color_jitter": (0, 10, True),
     "data.reprob": (0, 1, True),
@@ -286,6 +289,9 @@ def validate(cfg: Config) -> None:
         raise CSKDError(
             f"student.img_size={cfg.student.img_size} is not a multiple of student.patch_size={cfg.student.patch_size}"
         )
+    if cfg.data.unlabeled and not (cfg.train.target == "student" and TASKS["student"].distils(cfg)):
+        raise CSKDError("data.unlabeled adds images only a teacher supervises, so it needs a distilled student: "
+                        "train.target=student with loss.deit_type or loss.cskd_type not none (or drop data.unlabeled)")
     if TASKS[cfg.train.target].distils(cfg):
         if not cfg.teacher.checkpoint:
             raise CSKDError(

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Sequence, 
 import torch
 import torch.nn as nn
 
+from cskd.data.transfer import UNLABELED
 from cskd.data.transforms import normalize
 from cskd.distributed import DistEnv, all_reduce_sum
 from cskd.errors import CSKDError
@@ -96,10 +97,13 @@ def train_one_epoch(
     seen, start = 0, time.perf_counter()
     step = epoch * steps_per_epoch
     for i, (images, targets, batch) in enumerate(loader):
+        # Transfer-set images (no label) follow the labelled ones: the loss's labels cover the first rows only.
+        batch["labelled"] = labelled = int((targets != UNLABELED).sum())
         images = images.to(ctx.env.device, non_blocking=True)
-        targets = targets.to(ctx.env.device, non_blocking=True)
-        if ctx.mixup is not None:
-            images, targets = ctx.mixup(images, targets)
+        targets = targets[:labelled].to(ctx.env.device, non_blocking=True)
+        if ctx.mixup is not None:  # mixes labelled images among themselves
+            mixed, targets = ctx.mixup(images[:labelled], targets)
+            images = mixed if labelled == len(images) else torch.cat([mixed, images[labelled:]])
             batch["mix"] = ctx.mixup.last  # cached teacher targets are mixed the same way
         progress = training_progress(step, steps_per_epoch, total_steps, ctx.ckf_progress)
         parts = _loss_parts(ctx, images, targets, batch, progress)

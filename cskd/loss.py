@@ -172,9 +172,10 @@ class CSKDLoss(nn.Module):
         z_cls, z_dist, dense = student_out
         if self.needs_teacher and teacher_out is None:
             raise ValueError("teacher outputs (dense, global) are required when deit_type or cskd_type is not 'none'")
-        parts = {"base": self.base_criterion(z_cls, targets)}
+        labelled = len(targets)  # the first rows; unlabelled transfer images follow and learn from the teacher only
+        parts = {"base": self.base_criterion(z_cls[:labelled], targets)}
         if self.deit_type == "none":
-            parts["deit"] = self.base_criterion(z_dist, targets)  # no teacher: the dist token learns labels
+            parts["deit"] = self.base_criterion(z_dist[:labelled], targets)  # no teacher: the dist token learns labels
         else:
             parts["deit"] = deit_loss(z_dist, teacher_out[1], self.deit_type, self.tau)
         loss = (1.0 - self.alpha) * parts["base"] + self.alpha * parts["deit"]

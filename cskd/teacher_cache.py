@@ -172,13 +172,13 @@ class TeacherCache:
             self._values.append(np.load(values_path, mmap_mode="r"))
             self._indices.append(np.load(index_path, mmap_mode="r") if self.manifest.topk else None)
 
-    def check_matches(self, expected: Dict[str, Any]) -> None:
+    def check_matches(self, expected: Dict[str, Any], rebuild: str = "`cskd cache-teacher` (same config)") -> None:
         """Refuse a cache whose targets differ from the run's: another teacher, its options or
         normalisation, other data, another size, interpolation or class count (keys of :meth:`CacheManifest.identity`)."""
         wrong = mismatches(self.manifest.identity(), expected)
         if wrong:
             raise CSKDError(f"teacher cache {self.folder} does not match this run ({'; '.join(wrong)}); rebuild it with "
-                            "`cskd cache-teacher` (same config) or drop teacher.cache to run the teacher online")
+                            f"{rebuild} or drop teacher.cache to run the teacher online")
 
     def maps(self, indices: torch.Tensor) -> torch.Tensor:
         size = self.manifest.shard_size

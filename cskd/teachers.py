@@ -32,6 +32,7 @@ from cskd.checkpoint import ModelSpec, read_spec, resolve_checkpoint
 from cskd.config import Config
 from cskd.data.datasets import DatasetInfo, build_dataset, fingerprint
 from cskd.data.mixing import MixRecord
+from cskd.data.transfer import training_images
 from cskd.data.transforms import normalize, whole_image_transform
 from cskd.distributed import barrier, init_distributed, shutdown
 from cskd.errors import CSKDError
@@ -127,10 +128,13 @@ def crop_maps(maps: torch.Tensor, boxes: torch.Tensor, size: Tuple[int, int]) ->
     return roi_align(maps, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
-def mix_maps(maps: torch.Tensor, mix: Optional[MixRecord]) -> torch.Tensor:
-    """Mix maps like timm mixed their images: with the reversed batch, by weight or by CutMix box."""
+def mix_maps(maps: torch.Tensor, mix: Optional[MixRecord], rows: Optional[int] = None) -> torch.Tensor:
+    """Mix maps like timm mixed their images: with the reversed batch, by weight or by CutMix box;
+    with ``rows``, only the first ``rows`` (the labelled images; transfer images are not mixed)."""
     if mix is None or mix.lam == 1.0:
         return maps
+    if rows is not None and rows < len(maps):
+        return torch.cat([mix_maps(maps[:rows], mix), maps[rows:]])
     reverse = maps.flip(0)
     if mix.box is None:
         return mix.lam * maps + (1.0 - mix.lam) * reverse
@@ -162,7 +166,7 @@ class CachedTeacher:
         dense = crop_maps(maps, batch["box"], tuple(self.cache.manifest.grid))
         flips = batch["flip"].to(images.device).bool()
         dense = torch.where(flips[:, None, None, None], dense.flip(-1), dense)
-        dense = mix_maps(dense, batch.get("mix"))
+        dense = mix_maps(dense, batch.get("mix"), batch.get("labelled"))
         return dense, dense.mean(dim=(2, 3))
 
 
@@ -172,7 +176,9 @@ def build_teacher_targets(cfg: Config, info: DatasetInfo, train_set: Dataset, de
     if not cfg.teacher.cache:
         return OnlineTeacher(load_teacher(cfg, info, device))
     cache = TeacherCache(resolve_cache_reference(cfg.teacher.cache))
-    cache.check_matches(cache_identity(cfg, info, train_set))
+    rebuild = (f"`cskd cache-teacher data.unlabeled={cfg.data.unlabeled}` (same config: a cache covers the training split "
+               "and the transfer set)") if cfg.data.unlabeled else "`cskd cache-teacher` (same config)"
+    cache.check_matches(cache_identity(cfg, info, train_set), rebuild)
     return CachedTeacher(cache)
 
 
@@ -205,7 +211,8 @@ def cache_teacher(cfg: Config, out: Path, topk: Optional[int] = None, shard_size
             raise CSKDError("a teacher cache resizes every image once, so it needs one interpolation, not "
                             "data.interpolation=random; cache and train with data.interpolation=bicubic (or bilinear)")
         transform = whole_image_transform(cfg.student.img_size, info.channels, cfg.data.interpolation)
-        dataset, _ = build_dataset(cfg.data.name, "train", cfg.data.path, cfg.data.channels, transform)
+        split, _ = build_dataset(cfg.data.name, "train", cfg.data.path, cfg.data.channels, transform)
+        dataset = training_images(split, cfg.data.unlabeled, info.channels, transform)  # the split, then any transfer set
         teacher = load_teacher(cfg, info, env.device)
         manifest = _new_manifest(cfg, info, dataset, teacher, topk, shard_size)
         if env.is_main:
@@ -234,7 +241,7 @@ def _new_manifest(cfg: Config, info: DatasetInfo, dataset: Dataset, teacher: Loa
     grid = tuple(teacher(probe)[0].shape[-2:])
     return CacheManifest(
         teacher=teacher.identity(),
-        data={"name": cfg.data.name, "path": cfg.data.path, "split": "train", "count": len(dataset),
+        data={"name": cfg.data.name, "path": cfg.data.path, "split": "train", "unlabeled": cfg.data.unlabeled, "count": len(dataset),
               "fingerprint": fingerprint(dataset)},
         image_size=cfg.student.img_size, grid=grid, num_classes=info.num_classes, topk=topk, shard_size=shard_size,
         interpolation=cfg.data.interpolation,

@@ -22,7 +22,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
 from cskd import pairing
 from cskd.checkpoint import ModelSpec, load_state, save_state, save_weights
@@ -30,6 +30,7 @@ from cskd.config import Config
 from cskd.data.datasets import DatasetInfo, build_dataset
 from cskd.data.mixing import build_mixup
 from cskd.data.samples import Indexed, limit
+from cskd.data.transfer import MixedBatchSampler, training_images
 from cskd.data.transforms import eval_transform, train_transform
 from cskd.distributed import DistEnv, barrier, init_distributed, shutdown
 from cskd.engine import Normalization, StepContext, amp_dtype, evaluate, train_one_epoch
@@ -65,7 +66,11 @@ class Loaders:
     train: DataLoader
     val: DataLoader
     info: DatasetInfo
-    train_split: Dataset  # the whole training split (what a teacher cache covers)
+    train_split: Dataset  # what a teacher cache covers: the whole training split, then the transfer set
+    epochs: Any  # what set_epoch is called on: the training sampler, or the mixed batch sampler
+    labelled_images: int
+    transfer_images: int = 0
+    transfer_batch: int = 0  # transfer images per step
 
 
 def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
@@ -74,6 +79,7 @@ def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
     train_tf = train_transform(img_size, info.channels, d.auto_augment, d.scale, d.hflip, d.reprob, d.interpolation,
                                d.color_jitter, d.re_mode)
     train_split = build_dataset(d.name, "train", d.path, d.channels, train_tf)[0]
+    cached = training_images(train_split, d.unlabeled, info.channels, train_tf)
     train_set = limit(Indexed(train_split), d.max_train)  # indices stay those of the whole split
     val_tf = eval_transform(img_size, info.channels, d.interpolation, d.eval_crop_pct)
     val_set = limit(build_dataset(d.name, "val", d.path, d.channels, val_tf)[0], d.max_val)
@@ -84,9 +90,17 @@ def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
         )
     sampler = train_sampler(train_set, cfg, env)
     common = dict(num_workers=d.workers, pin_memory=env.device.type == "cuda", persistent_workers=False)
-    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(_shard(val_set, env), batch_size=max(cfg.train.batch_size, 64), shuffle=False, **common)
-    return Loaders(train_loader, val_loader, info, train_split)
+    if cached is train_split:
+        train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **common)
+        return Loaders(train_loader, val_loader, info, train_split, sampler, len(train_set))
+    transfer = cached.datasets[1]
+    transfer_batch = max(1, round(d.unlabeled_ratio * cfg.train.batch_size))
+    batches = MixedBatchSampler(sampler, cfg.train.batch_size, len(transfer), transfer_batch, len(train_set),
+                                env.rank, env.world_size, cfg.train.seed)
+    mixed = ConcatDataset([train_set, Indexed(transfer, offset=len(train_split))])  # cache rows follow the split's
+    train_loader = DataLoader(mixed, batch_sampler=batches, **common)
+    return Loaders(train_loader, val_loader, info, cached, batches, len(train_set), len(transfer), transfer_batch)
 
 
 def train_sampler(train_set: Dataset, cfg: Config, env: DistEnv) -> Sampler:
@@ -143,8 +157,11 @@ class Session:
     def schedule(self) -> Dict[str, int]:
         """What the LR schedule and CKF progress are laid out by (saved with the state, compared on resume)."""
         cfg = self.cfg.train
-        return {"epochs": cfg.epochs, "steps_per_epoch": self.steps_per_epoch, "batch_size": cfg.batch_size,
-                "world_size": self.env.world_size, "train_images": len(self.loaders.train.dataset)}
+        schedule = {"epochs": cfg.epochs, "steps_per_epoch": self.steps_per_epoch, "batch_size": cfg.batch_size,
+                    "world_size": self.env.world_size, "train_images": self.loaders.labelled_images}
+        if self.loaders.transfer_images:
+            schedule.update(transfer_images=self.loaders.transfer_images, transfer_batch=self.loaders.transfer_batch)
+        return schedule
 
     @property
     def deployable_weights(self) -> Dict[str, torch.Tensor]:
@@ -258,8 +275,11 @@ class MainProcess(Quiet):
             report = pairing.compare(cfg.teacher.model, teacher_network(cfg, info), session.spec.model,
                                      session.task.deployable(session.model), (info.channels, session.spec.img_size, session.spec.img_size))
             run.save_pairing(report.to_dict())
+        loaders = session.loaders
+        transfer = (f" + {loaders.transfer_images} unlabelled from {cfg.data.unlabeled}, {loaders.transfer_batch} per step"
+                    if loaders.transfer_images else "")
         print(f"cskd train: {session.task.name} {session.spec.model} ({kd}) on {cfg.data.name} "
-              f"[{len(session.loaders.train.dataset)} images, {info.num_classes} classes]")
+              f"[{loaders.labelled_images} images, {info.num_classes} classes{transfer}]")
         print(f"  device {session.env.device} x{session.env.world_size}, {session.steps_per_epoch} steps/epoch, "
               f"lr {scaled_lr(cfg, session.env.world_size):.2e}, run dir {run.path}"
               + (f", resuming at epoch {session.start_epoch + 1}" if resume else ""))
@@ -302,7 +322,8 @@ class MainProcess(Quiet):
 def schedule_changes(old: Dict[str, int], new: Dict[str, int]) -> List[str]:
     """``"name old -> new"`` for each value of the schedule that differs on resume."""
     names = {"epochs": "train.epochs", "batch_size": "train.batch_size", "world_size": "world size",
-             "train_images": "training images", "steps_per_epoch": "steps/epoch"}
+             "train_images": "training images", "steps_per_epoch": "steps/epoch", "transfer_images": "transfer images",
+             "transfer_batch": "transfer images per step"}
     return [f"{names[k]} {old[k]} -> {new[k]}" for k in names if k in old and old[k] != new[k]]
 
 
@@ -322,7 +343,7 @@ def run_epoch(session: Session, epoch: int, show_progress: bool) -> Dict[str, An
     """Train one epoch and validate; returns the epoch's metrics row."""
     ctx, total_steps = session.ctx, session.cfg.train.epochs * session.steps_per_epoch
     seed_everything(epoch_seed(session.cfg.train.seed, epoch) + session.env.rank)
-    session.loaders.train.sampler.set_epoch(epoch)
+    session.loaders.epochs.set_epoch(epoch)
     with progress(session.steps_per_epoch, f"epoch {epoch + 1}/{session.cfg.train.epochs}", "step", show_progress) as bar:
         train_metrics = train_one_epoch(ctx, session.loaders.train, epoch, session.steps_per_epoch, total_steps, bar)
     evaluated = ctx.ema.module if ctx.ema is not None else session.model

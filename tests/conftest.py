@@ -94,3 +94,21 @@ def write_imagefolder(root, sizes, classes: int = 10, suffix: str = "png", seed:
             folder = root / split / f"c{cls}"
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8), mode="L").save(folder / f"a.{suffix}")
+
+
+def write_idx_images(path, images) -> None:
+    """An IDX3 uint8 file (gzipped when the name ends in .gz), as Fashion-MNIST ships them."""
+    import gzip
+    import struct
+
+    header = struct.pack(">BBBB", 0, 0, 0x08, 3) + struct.pack(">III", *images.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + images.astype("uint8").tobytes())
+
+
+def random_images(count: int, seed: int = 0):
+    """``count`` random uint8 28x28 grayscale images."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 256, (count, 28, 28), dtype=np.uint8)

@@ -61,6 +61,17 @@ def test_distillation_without_teacher_says_how_to_get_one():
         load_config(None, ["teacher.checkpoint=null"])
 
 
+@pytest.mark.parametrize("overrides", [
+    ["loss.deit_type=none", "loss.cskd_type=none"],  # no teacher to supervise the transfer images
+    ["train.target=teacher"],
+])
+def test_a_transfer_set_without_a_distilled_student_is_refused(overrides):
+    with pytest.raises(CSKDError, match="data.unlabeled .* needs a distilled student"):
+        load_config(None, ["data.unlabeled=/data/unlabelled", *overrides])
+    with pytest.raises(CSKDError, match=r"data.unlabeled_ratio=0.0 is out of range"):
+        load_config(None, ["data.unlabeled_ratio=0"])
+
+
 def test_missing_or_invalid_config_file(tmp_path):
     with pytest.raises(CSKDError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

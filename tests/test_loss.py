@@ -148,6 +148,20 @@ def test_total_loss_combines_terms_with_alpha_and_lambda():
     assert set(parts) == {"base", "deit", "cskd", "loss"}
 
 
+def test_unlabelled_rows_after_the_labels_learn_from_the_teacher_only():
+    """A transfer-set batch: 2 labelled rows then 2 without labels. The labels' term is of the first
+    two class-token rows; the teacher's terms are of every row, as a 4-row fully labelled batch's are."""
+    student, teacher, y = _outputs()
+    ce = nn.CrossEntropyLoss()
+    crit = CSKDLoss(ce, alpha=0.5, deit_type="soft", cskd_type="soft")
+    mixed = crit(student, y[:2], teacher, progress=0.3)
+    everything = crit(student, y, teacher, progress=0.3)
+    assert mixed["base"].item() == pytest.approx(ce(student[0][:2], y[:2]).item(), rel=1e-6)
+    assert mixed["deit"].item() == pytest.approx(everything["deit"].item(), rel=1e-6)
+    assert mixed["cskd"].item() == pytest.approx(everything["cskd"].item(), rel=1e-6)
+    assert mixed["loss"].item() == pytest.approx((0.5 * mixed["base"] + 0.5 * mixed["deit"] + mixed["cskd"]).item(), rel=1e-6)
+
+
 def test_cskd_none_is_deit_distillation():
     student, teacher, y = _outputs()
     ce = nn.CrossEntropyLoss()

@@ -16,6 +16,7 @@ from PIL import Image
 import cskd.teachers
 from cskd.config import load_config
 from cskd.data.datasets import build_dataset, fingerprint
+from cskd.data.transfer import training_images
 from cskd.errors import CSKDError
 from cskd.teacher_cache import MISSING_LOGIT_GAP, CacheManifest, TeacherCache, compress, expand, index_dtype, shard_paths, write_cache
 from cskd.teachers import build_teacher_targets, cache_teacher
@@ -209,3 +210,15 @@ def test_torchrun_ranks_write_their_own_shards_and_match_one_process(tmp_path, b
     for s in range(single.shards):
         a, b = np.load(shard_paths(tmp_path / "ddp", s)[0]), np.load(shard_paths(tmp_path / "one", s)[0])
         assert np.abs(a.astype(np.float32) - b.astype(np.float32)).max() <= 1e-2 * np.abs(b).max()
+
+
+def test_a_run_with_a_transfer_set_refuses_a_cache_of_its_split_alone(tmp_path, micro_teacher):
+    write_imagefolder(tmp_path / "data", [(32, 32)])
+    write_imagefolder(tmp_path / "more", [(32, 32)], seed=1)  # its class folders are ignored: images only
+    common = ["data.name=imagefolder", f"data.path={tmp_path / 'data'}", "data.channels=1", "data.workers=0", *micro_teacher]
+    cache_teacher(load_config(None, common), tmp_path / "split-only", show_progress=False)
+    cfg = load_config(None, [*common, f"data.unlabeled={tmp_path / 'more'}", f"teacher.cache={tmp_path / 'split-only'}"])
+    split = build_dataset("imagefolder", "train", str(tmp_path / "data"), 1)[0]
+    with pytest.raises(CSKDError, match=r"data_fingerprint .*`cskd cache-teacher data.unlabeled=.*more`"):
+        build_teacher_targets(cfg, build_dataset("imagefolder", "val", str(tmp_path / "data"), 1)[1],
+                              training_images(split, cfg.data.unlabeled, 1), torch.device("cpu"))

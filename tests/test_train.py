@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from timm.scheduler import create_scheduler_v2
 
 import cskd.engine
-from cskd.checkpoint import load_weights
+from cskd.checkpoint import load_state, load_weights
 from cskd.config import load_config
 from cskd.distributed import DistEnv
 from cskd.errors import CSKDError
@@ -21,7 +21,7 @@ from cskd.models import create_teacher
 from cskd.run import RunDir
 from cskd.tasks import load_trained
 from cskd.train import train, train_sampler
-from tests.conftest import quick_overrides
+from tests.conftest import quick_overrides, random_images, write_idx_images
 
 # No randomness from augmentation, so runs compare exactly.
 PLAIN = {"data.auto_augment": "null", "data.scale": "[1.0, 1.0]", "data.hflip": 0, "data.reprob": 0, "data.color_jitter": 0}
@@ -82,6 +82,24 @@ def test_resume_after_a_mid_epoch_crash_equals_an_uninterrupted_run(tmp_path, mo
 
 
 @pytest.mark.slow
+def test_resume_with_a_transfer_set_equals_an_uninterrupted_run(tmp_path, monkeypatch, micro_teacher):
+    """A crash in epoch 2, whose transfer images start the stream's second pass, mixup on."""
+    write_idx_images(tmp_path / "train-images-idx3-ubyte", random_images(96))
+    extra = {"train.epochs": 2, "data.max_train": 128, "data.unlabeled": str(tmp_path), "data.unlabeled_ratio": 0.5,
+             "data.mixup": 0.8, "teacher.cache": "null", **dict(o.split("=", 1) for o in micro_teacher)}
+    reference = run(tmp_path, "reference", **extra)
+    assert "transfer_images" in load_state(reference.run_dir / "last.state.pt")["schedule"]
+    _crash_at_step(monkeypatch, 4 * 1 + 2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "crashed", **extra)
+    monkeypatch.undo()
+    resumed = train(load_config(tmp_path / "crashed" / "config.yaml"), resume=True, show_progress=False)
+    a, b = load_file(reference.run_dir / "last.safetensors"), load_file(resumed.run_dir / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in RunDir(resumed.run_dir).metrics()] == [r["loss"] for r in RunDir(reference.run_dir).metrics()]
+
+
+@pytest.mark.slow
 def test_diverging_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     first = run(tmp_path, "r", **{"train.epochs": 1})
     digest = file_sha256(first.run_dir / "last.safetensors")
@@ -119,13 +137,19 @@ def test_teacher_training_writes_a_loadable_teacher(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(tmp_path):
+@pytest.mark.parametrize("transfer", [False, True], ids=["labelled", "with-transfer-set"])
+def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(tmp_path, micro_teacher, transfer):
     """gloo, 2 CPU processes x batch 8 against 1 process x batch 16, SGD (linear in the gradients).
 
-    Both see the same images per step (one DistributedSampler permutation); the only difference
-    is float summation order in the gradient all-reduce, so weights agree to 1e-5.
+    Both see the same images per step (one DistributedSampler permutation; with a transfer set, each
+    process every other image of one transfer stream); the only difference is float summation order
+    in the gradient all-reduce, so weights agree to 1e-5.
     """
     common = {**PLAIN, "train.opt": "sgd", "train.lr": 0.05, "train.epochs": 2, "data.max_train": 64, "train.threads": 1}
+    if transfer:
+        write_idx_images(tmp_path / "train-images-idx3-ubyte", random_images(40))
+        common.update({"data.unlabeled": str(tmp_path), "data.unlabeled_ratio": 0.5, "teacher.cache": "null",
+                       **dict(o.split("=", 1) for o in micro_teacher)})
     args = quick_overrides(tmp_path, output=str(tmp_path / "ddp"), **{**common, "train.batch_size": 8})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from cskd.assets import demo_arrays
 from cskd.data.idx import read_idx_split
@@ -102,7 +102,10 @@ def fingerprint(dataset: Dataset) -> str:
     tree keeps its fingerprint only when it keeps the times (``cp -p``, ``rsync -a``).
     """
     digest = hashlib.sha256()
-    if isinstance(dataset, ArrayImageDataset):
+    if isinstance(dataset, ConcatDataset):  # a training split and its transfer set: one fingerprint of both
+        for part in dataset.datasets:
+            digest.update(fingerprint(part).encode())
+    elif isinstance(dataset, ArrayImageDataset):
         digest.update(np.ascontiguousarray(dataset.images).tobytes())
         digest.update(np.ascontiguousarray(dataset.labels).tobytes())
     elif hasattr(dataset, "samples") and hasattr(dataset, "root"):  # torchvision ImageFolder

@@ -21,17 +21,19 @@ def limit(dataset: Dataset, count: Optional[int]) -> Dataset:
 
 class Indexed(Dataset):
     """``(image, label, batch)`` where ``batch`` holds the sample's index in ``dataset`` and whatever
-    geometry its transform recorded (crop box, flip): what cached teacher targets are looked up by."""
+    geometry its transform recorded (crop box, flip): what cached teacher targets are looked up by.
+    ``offset`` is where ``dataset`` starts among the images a cache holds (a transfer set follows
+    the training split)."""
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, offset: int = 0) -> None:
+        self.dataset, self.offset = dataset, offset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         image, label = self.dataset[index]
-        meta = {"index": index}
+        meta = {"index": self.offset + index}
         if isinstance(image, tuple):  # (tensor, geometry) from a geometry-recording transform
             image, geometry = image
             meta.update(geometry)
