@@ -9,6 +9,7 @@ EXAMPLES = """\
 examples:
   cskd cache-teacher --out runs/cache-demo                 # the demo config's teacher over its training split
   cskd train teacher.cache=runs/cache-demo                 # then train without running the teacher
+  cskd cache-teacher data.unlabeled=/data/unlabelled --out runs/cache-transfer   # the split, then a transfer set
   cskd cache-teacher --config my.yaml --out /data/cache --topk 10 --batch-size 512 --device cuda
   torchrun --nproc-per-node 8 -m cskd cache-teacher --config my.yaml --out /data/cache   # each rank its own shards
   (run the same command again after an interruption: finished shards are kept)

@@ -14,10 +14,14 @@ examples:
   cskd train --config my.yaml loss.cskd_type=none        # DeiT distillation baseline
   cskd train --config teacher-demo              # train the demo CNN teacher (no distillation)
   cskd train --resume runs/quick train.epochs=4          # continue a run (longer schedule)
+  cskd cache-teacher data.unlabeled=/usr/share/datasets/fashion-mnist --out runs/cache-transfer
+  cskd train data.unlabeled=/usr/share/datasets/fashion-mnist teacher.cache=runs/cache-transfer train.epochs=12
+                                                # + unlabelled images the teacher alone supervises
   torchrun --nproc-per-node 2 -m cskd train ...          # data-parallel on 2 processes
 
 config keys (defaults: cskd/configs/demo.yaml; full list and meaning in the README):
-  data.name data.path data.channels data.workers data.auto_augment data.scale data.hflip
+  data.name data.path data.channels data.workers data.unlabeled data.unlabeled_ratio
+  data.auto_augment data.scale data.hflip
   data.reprob data.mixup data.cutmix data.mixup_prob data.mixup_switch_prob data.smoothing
   student.model student.img_size student.patch_size student.drop_path student.kwargs
   teacher.model teacher.checkpoint teacher.img_size teacher.kwargs
