@@ -55,6 +55,7 @@ class StudentConfig:
     img_size: int = 224  # input side in pixels, used by teacher and student alike
     patch_size: int = 16
     drop_path: float = 0.1
+    init: Optional[str] = None  # start from: timm:TAG, a weights file (.safetensors/.pth/.bin) or a cskd run
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm arguments (embed_dim, depth...)
     mean: Optional[List[float]] = None  # input normalisation; null: the dataset's statistics
     std: Optional[List[float]] = None
@@ -66,6 +67,7 @@ class TeacherConfig:
     checkpoint: Optional[str] = None  # cskd run dir/checkpoint, a state dict, or "demo" (packaged)
     cache: Optional[str] = None  # a `cskd cache-teacher` folder: targets read from it, the teacher never runs
     img_size: Optional[int] = None  # only when training the teacher (train.target=teacher)
+    init: Optional[str] = None  # training the teacher: start from timm:TAG, a weights file or a cskd run
     drop_path: float = 0.0
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm arguments (output_stride...)
     mean: Optional[List[float]] = None

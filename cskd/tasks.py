@@ -20,6 +20,7 @@ from cskd.errors import CSKDError, did_you_mean
 from cskd.loss import CSKDLoss, needs_teacher, trained_heads
 from cskd.models import DenseTeacher, create_student, fuse_heads
 from cskd.models.factory import create_timm_model
+from cskd.models.pretrained import InitReport, build_initialised
 from cskd.models.student import HEADS
 
 if TYPE_CHECKING:
@@ -52,9 +53,24 @@ class Task:
     def spec(self, cfg: "Config", info: "DatasetInfo") -> ModelSpec:
         raise NotImplementedError
 
-    def build(self, spec: ModelSpec, drop_path_rate: float = 0.0) -> nn.Module:
-        """A freshly initialised trainable network of ``spec``."""
+    def build(self, spec: ModelSpec, drop_path_rate: float = 0.0, **timm_kwargs: Any) -> nn.Module:
+        """A freshly initialised trainable network of ``spec`` (``timm_kwargs``: e.g. pretrained loading)."""
         raise NotImplementedError
+
+    def network(self, model: nn.Module) -> nn.Module:
+        """The timm model inside what :meth:`build` returns."""
+        return model
+
+    def init(self, cfg: "Config") -> Optional[str]:
+        """The pretrained weights this task starts from (``student.init`` / ``teacher.init``), if any."""
+        return None
+
+    def create(self, spec: ModelSpec, drop_path_rate: float, init: Optional[str]) -> Tuple[nn.Module, Optional[InitReport]]:
+        """:meth:`build`, started from the weights ``init`` names when set (and what that loading did)."""
+        if not init:
+            return self.build(spec, drop_path_rate), None
+        return build_initialised(lambda kwargs: self.build(spec, drop_path_rate, **kwargs), self.network, init, self.name,
+                                 spec.num_classes, spec.img_size, distilled=self.name == "student")
 
     def distils(self, cfg: "Config") -> bool:
         return False
@@ -105,9 +121,15 @@ class StudentTask(Task):
                          tuple(s.mean or info.mean), tuple(s.std or info.std), info.class_names,
                          list(trained_heads(loss.alpha, loss.deit_type, loss.cskd_type, loss.cskd_weight)))
 
-    def build(self, spec: ModelSpec, drop_path_rate: float = 0.0) -> nn.Module:
+    def build(self, spec: ModelSpec, drop_path_rate: float = 0.0, **timm_kwargs: Any) -> nn.Module:
         return create_student(spec.model, spec.num_classes, spec.img_size, spec.patch_size, spec.in_chans,
-                              heads=spec.heads or HEADS, drop_path_rate=drop_path_rate, **spec.kwargs)
+                              heads=spec.heads or HEADS, drop_path_rate=drop_path_rate, **spec.kwargs, **timm_kwargs)
+
+    def network(self, model: nn.Module) -> nn.Module:
+        return unwrap(model).vit
+
+    def init(self, cfg: "Config") -> Optional[str]:
+        return cfg.student.init
 
     def distils(self, cfg: "Config") -> bool:
         return needs_teacher(cfg.loss.deit_type, cfg.loss.cskd_type)
@@ -158,9 +180,12 @@ class TeacherTask(Task):
         return ModelSpec("teacher", t.model, info.num_classes, info.channels, self.img_size(cfg), None, dict(t.kwargs),
                          tuple(t.mean or info.mean), tuple(t.std or info.std), info.class_names)
 
-    def build(self, spec: ModelSpec, drop_path_rate: float = 0.0) -> nn.Module:
-        kwargs = {**spec.kwargs, **({"drop_path_rate": drop_path_rate} if drop_path_rate else {})}
+    def build(self, spec: ModelSpec, drop_path_rate: float = 0.0, **timm_kwargs: Any) -> nn.Module:
+        kwargs = {**spec.kwargs, **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}), **timm_kwargs}
         return create_timm_model(spec.model, "teacher", num_classes=spec.num_classes, in_chans=spec.in_chans, **kwargs)
+
+    def init(self, cfg: "Config") -> Optional[str]:
+        return cfg.teacher.init
 
     def loss_parts(self, model, criterion, images, targets, teacher_out, progress):
         return {"loss": criterion(model(images).float(), targets)}

@@ -35,6 +35,7 @@ from cskd.data.transforms import eval_transform, train_transform
 from cskd.distributed import DistEnv, barrier, init_distributed, shutdown
 from cskd.engine import Normalization, StepContext, amp_dtype, evaluate, train_one_epoch
 from cskd.errors import CSKDError
+from cskd.models.pretrained import InitReport
 from cskd.plots import plot_curves
 from cskd.progress import progress
 from cskd.run import RunDir
@@ -148,6 +149,7 @@ class Session:
     best_top1: float = -1.0
     best_epoch: int = -1
     resumed_schedule: Optional[Dict[str, int]] = None  # the schedule the resumed state was saved under
+    init_report: Optional[InitReport] = None  # what starting from pretrained weights loaded
 
     @property
     def steps_per_epoch(self) -> int:
@@ -199,7 +201,8 @@ def build_session(cfg: Config, env: DistEnv, resume: bool) -> Session:
     seed_everything(cfg.train.seed)
     loaders = build_loaders(cfg, env, task.img_size(cfg))
     spec = task.spec(cfg, loaders.info)
-    model = task.build(spec, task.drop_path(cfg)).to(env.device)
+    model, init_report = task.create(spec, task.drop_path(cfg), None if resume else task.init(cfg))  # resume loads its own
+    model = model.to(env.device)
     teacher = build_teacher_targets(cfg, loaders.info, loaders.train_split, env.device) if task.distils(cfg) else None
     mixup = build_mixup(cfg.data, cfg.train.batch_size, loaders.info.num_classes)
     optimizer = create_optimizer_v2(model, opt=cfg.train.opt, lr=scaled_lr(cfg, env.world_size), weight_decay=cfg.train.weight_decay)
@@ -217,7 +220,7 @@ def build_session(cfg: Config, env: DistEnv, resume: bool) -> Session:
         ema=ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None,
         clip_grad=cfg.train.clip_grad, decay=cfg.loss.decay, ckf_progress=cfg.loss.ckf_progress,
     )
-    session = Session(cfg, env, run, task, spec, loaders, model, ctx)
+    session = Session(cfg, env, run, task, spec, loaders, model, ctx, init_report=init_report)
     if resume:
         session.load_state_dict(load_state(run.state))
     return session
@@ -283,6 +286,8 @@ class MainProcess(Quiet):
         print(f"  device {session.env.device} x{session.env.world_size}, {session.steps_per_epoch} steps/epoch, "
               f"lr {scaled_lr(cfg, session.env.world_size):.2e}, run dir {run.path}"
               + (f", resuming at epoch {session.start_epoch + 1}" if resume else ""))
+        if session.init_report is not None:
+            print("\n".join(session.init_report.lines()))
         if restored:
             print(f"  restored {run.best.name} from {run.last.name}: epoch {session.start_epoch} is the best and the run "
                   "stopped before writing it")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from timm.scheduler import create_scheduler_v2
 
 import cskd.engine
-from cskd.checkpoint import load_state, load_weights
+from cskd.checkpoint import load_state, load_weights, save_weights
 from cskd.config import load_config
 from cskd.distributed import DistEnv
 from cskd.errors import CSKDError
@@ -97,6 +98,33 @@ def test_resume_with_a_transfer_set_equals_an_uninterrupted_run(tmp_path, monkey
     a, b = load_file(reference.run_dir / "last.safetensors"), load_file(resumed.run_dir / "last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in RunDir(resumed.run_dir).metrics()] == [r["loss"] for r in RunDir(reference.run_dir).metrics()]
+
+
+@pytest.mark.slow
+def test_a_run_started_from_another_run_says_what_it_loaded_and_exports_as_any_run(tmp_path, capsys):
+    """A run of 7 classes seeds a run of 10 (the embedded data) at a learning rate too small to move
+    anything: the fine-tuned run's weights are the source's but for the re-initialised heads, a
+    resume does not load them again, and `cskd export` packages it as it packages any run."""
+    from cskd.export.exporter import ExportOptions, export_model
+    from cskd.runtime.package import read_package
+
+    source = run(tmp_path, "source", **{"train.epochs": 1})
+    tensors = load_file(source.run_dir / "last.safetensors")
+    tensors = {k: (v[:7] if k.startswith("head") else v) for k, v in tensors.items()}  # as if it had 7 classes
+    spec = load_weights(source.run_dir / "last.safetensors")[1]
+    save_weights(tmp_path / "seven" / "best.safetensors", tensors, replace(spec, num_classes=7, class_names=spec.class_names[:7]))
+    capsys.readouterr()
+    still = {"train.epochs": 1, "train.lr": 1e-12, "train.min_lr": 0, "train.weight_decay": 0}
+    tuned = run(tmp_path, "tuned", **still, **{"student.init": str(tmp_path / "seven")})
+    printed = capsys.readouterr().out
+    assert f"init from {tmp_path / 'seven' / 'best.safetensors'}" in printed and "4 newly initialised" in printed
+    after = load_file(tuned.run_dir / "last.safetensors")
+    assert all(torch.allclose(after[k], v, atol=1e-6) for k, v in tensors.items() if not k.startswith("head"))
+    cfg = load_config(tuned.run_dir / "config.yaml", ["train.epochs=2"])
+    train(cfg, resume=True, show_progress=False)
+    assert "init from" not in capsys.readouterr().out  # the resume state holds the weights
+    folder, package = export_model(tuned.run_dir, ExportOptions(out=tmp_path / "pkg", parity_images=64), log=lambda _: None)
+    assert len(read_package(folder).classes) == 10 and package.gate["passed"]
 
 
 @pytest.mark.slow

@@ -23,8 +23,8 @@ config keys (defaults: cskd/configs/demo.yaml; full list and meaning in the READ
   data.name data.path data.channels data.workers data.unlabeled data.unlabeled_ratio
   data.auto_augment data.scale data.hflip
   data.reprob data.mixup data.cutmix data.mixup_prob data.mixup_switch_prob data.smoothing
-  student.model student.img_size student.patch_size student.drop_path student.kwargs
-  teacher.model teacher.checkpoint teacher.img_size teacher.kwargs
+  student.model student.init student.img_size student.patch_size student.drop_path student.kwargs
+  teacher.model teacher.checkpoint teacher.cache teacher.init teacher.img_size teacher.kwargs
   train.target train.epochs train.batch_size train.lr train.min_lr train.warmup_epochs
   train.weight_decay train.opt train.clip_grad train.ema train.ema_decay train.amp
   train.compile train.device train.seed train.threads

@@ -13,8 +13,8 @@ from cskd.errors import CSKDError, did_you_mean
 def create_timm_model(name: str, role: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, pretrained=False, **kwargs)`` with one-line errors.
 
-    Pretrained weights are never fetched implicitly; they stay an explicit user option
-    (``student.kwargs={pretrained: true}``) for when timm's local cache already holds them.
+    Pretrained weights are never fetched implicitly: ``student.init`` / ``teacher.init`` name them
+    (:mod:`cskd.models.pretrained`).
     """
     if not timm.is_model(name):
         raise CSKDError(

@@ -9,11 +9,12 @@ works once ``cskd.models`` is imported, and every timm option (``in_chans``, ``o
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.deit import VisionTransformerDistilled
+from timm.models.deit import VisionTransformerDistilled, checkpoint_filter_fn
 from timm.models.resnet import BasicBlock, ResNet
 
 
@@ -60,5 +61,6 @@ def cskd_deit_nano_distilled_patch4_32(pretrained: bool = False, **kwargs: Any) 
         VisionTransformerDistilled,
         "cskd_deit_nano_distilled_patch4_32",
         pretrained,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, adapt_layer_scale=True),  # as timm's DeiTs: grids resampled
         **dict(args, **kwargs),
     )

@@ -1,0 +1,198 @@
+"""Start a network from pretrained weights (``student.init``, ``teacher.init``) with timm's own loading.
+
+A reference is one of
+
+* ``timm:TAG``, a timm pretrained tag (``timm:deit_tiny_distilled_patch16_224.fb_in1k``): timm
+  fetches it from the Hugging Face Hub or its cache, so only when the user asks for it;
+* a weights file in timm's format: ``.safetensors`` or a weights-only ``.pth``/``.bin`` (the DeiT
+  authors' released checkpoints, a Hub ``model.safetensors``, a timm training checkpoint);
+* a cskd run directory or checkpoint.
+
+The weights go through timm's ``load_pretrained`` (via ``pretrained_cfg_overlay``): the model's own
+checkpoint filter (position embeddings resampled to the new patch grid, patch embedding resampled to
+a new patch size), the input convolution adapted to another channel count, the classifiers dropped
+for another class count. Before that, a checkpoint without a distillation token (a plain ViT/DeiT)
+gets one for a distilled student: the token, its position and the distillation head copied from the
+class token's. :class:`InitReport` says what was loaded, adapted, newly initialised and ignored; a
+tensor that fits no adaptation (another width or depth) is refused with the mismatches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from cskd.checkpoint import read_spec, read_state_dict, resolve_checkpoint
+from cskd.errors import CSKDError
+
+TIMM_PREFIX = "timm:"
+# What timm's loading adapts when shapes differ: position embeddings and patch/input convolutions.
+ADAPTABLE = ("pos_embed", "patch_embed.proj.weight")
+
+
+@dataclass
+class PretrainedWeights:
+    """A state dict and what it was trained for: what timm adapts from."""
+
+    name: str  # what to call it in messages
+    state_dict: Dict[str, torch.Tensor]
+    num_classes: Optional[int]  # None: no classifier found
+    in_chans: Optional[int]
+
+
+@dataclass
+class InitReport:
+    source: str
+    loaded: List[str] = field(default_factory=list)
+    adapted: List[str] = field(default_factory=list)  # "key: how"
+    new: List[str] = field(default_factory=list)  # "key: why"
+    ignored: List[str] = field(default_factory=list)
+
+    def lines(self) -> List[str]:
+        def some(items: List[str], limit: int = 6) -> str:
+            return "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+
+        lines = [f"  init from {self.source}: {len(self.loaded)} tensors loaded, {len(self.adapted)} adapted, "
+                 f"{len(self.new)} newly initialised, {len(self.ignored)} ignored"]
+        for label, items in (("adapted", self.adapted), ("new", self.new), ("ignored", self.ignored)):
+            if items:
+                lines.append(f"    {label}: {some(items)}")
+        return lines
+
+
+def read_pretrained(reference: str, role: str, first_conv: Optional[str], classifiers: Tuple[str, ...]) -> PretrainedWeights:
+    """The weights ``reference`` names (see the module) and the class and channel counts they were trained for."""
+    if reference.startswith(TIMM_PREFIX):
+        return _from_timm(reference[len(TIMM_PREFIX):], role)
+    path = Path(reference).expanduser()
+    if not path.exists():
+        raise CSKDError(f"{role}.init={reference} does not exist; pass a weights file (.safetensors, .pth, .bin), "
+                        f"a cskd run directory, or timm:TAG for a timm pretrained tag")
+    path = resolve_checkpoint(path)
+    spec = read_spec(path) if path.suffix == ".safetensors" else None
+    state_dict = read_state_dict(path)
+    if spec is not None:
+        return PretrainedWeights(f"{path} (cskd {spec.role}, {spec.model})", state_dict, spec.num_classes, spec.in_chans)
+    return PretrainedWeights(str(path), state_dict, _classes_of(state_dict, classifiers), _channels_of(state_dict, first_conv))
+
+
+def _from_timm(tag: str, role: str) -> PretrainedWeights:
+    import timm
+
+    name = tag.split(".")[0]
+    if not timm.is_model(name) or tag not in timm.list_pretrained(name + "*") + [name]:
+        raise CSKDError(f"{role}.init=timm:{tag} is not a timm pretrained tag; list them with: "
+                        f"python -c \"import timm; print(timm.list_pretrained('{name[:8]}*'))\"")
+    try:
+        source = timm.create_model(tag, pretrained=True)
+    except Exception as exc:  # offline, no cache, hub errors: all mean "no weights here"
+        raise CSKDError(f"cannot fetch timm's {tag} weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                        "on an offline machine download its model.safetensors elsewhere and pass the file") from None
+    cfg = source.pretrained_cfg
+    return PretrainedWeights(f"timm:{tag}", source.state_dict(), source.num_classes or None, cfg.get("input_size", (3,))[0])
+
+
+def _classes_of(state_dict: Dict[str, torch.Tensor], classifiers: Tuple[str, ...]) -> Optional[int]:
+    for name in classifiers:
+        weight = state_dict.get(f"{name}.weight")
+        if weight is not None and weight.ndim == 2:
+            return int(weight.shape[0])
+    return None
+
+
+def _channels_of(state_dict: Dict[str, torch.Tensor], first_conv: Optional[str]) -> Optional[int]:
+    weight = state_dict.get(f"{first_conv}.weight") if first_conv else None
+    return int(weight.shape[1]) if weight is not None and weight.ndim == 4 else None
+
+
+def add_distillation_token(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """A plain ViT/DeiT checkpoint -> a distilled one: the distillation token, its position embedding
+    and the distillation head copied from the class token's (DeiT's student starts from both alike)."""
+    if "dist_token" in state_dict or "cls_token" not in state_dict:
+        return state_dict, []
+    out = dict(state_dict)
+    out["dist_token"] = state_dict["cls_token"].clone()
+    derived = ["dist_token: from the class token"]
+    pos = state_dict.get("pos_embed")
+    if pos is not None:
+        out["pos_embed"] = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)
+        derived.append("pos_embed: the distillation token's position from the class token's")
+    for part in ("weight", "bias"):
+        if f"head.{part}" in state_dict:
+            out[f"head_dist.{part}"] = state_dict[f"head.{part}"].clone()
+    if "head.weight" in state_dict:
+        derived.append("head_dist: from the class head")
+    return out, derived
+
+
+def timm_kwargs(weights: PretrainedWeights, img_size: Optional[int] = None) -> Dict[str, Any]:
+    """What ``timm.create_model`` takes to load ``weights`` through its own ``load_pretrained``."""
+    overlay: Dict[str, Any] = {"state_dict": weights.state_dict, "source": "", "file": None, "url": "", "hf_hub_id": None}
+    if weights.num_classes is not None:
+        overlay["num_classes"] = weights.num_classes
+    if weights.in_chans is not None:
+        overlay["input_size"] = (weights.in_chans, img_size or 224, img_size or 224)
+    return {"pretrained": True, "pretrained_cfg_overlay": overlay, "pretrained_strict": False}
+
+
+def check_fits(weights: PretrainedWeights, model: nn.Module, classifiers: Tuple[str, ...], first_conv: Optional[str]) -> None:
+    """Refuse weights with a tensor of another shape that no adaptation changes (another width, depth...)."""
+    own = model.state_dict()
+    adaptable = {*ADAPTABLE, *([f"{first_conv}.weight"] if first_conv else [])}
+    heads = {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")}
+    wrong = [f"{k} {list(v.shape)} (the model's {list(own[k].shape)})" for k, v in weights.state_dict.items()
+             if k in own and v.shape != own[k].shape and k not in adaptable and k not in heads]
+    if wrong:
+        raise CSKDError(f"{weights.name} does not fit this model: {len(wrong)} tensors of another shape, e.g. "
+                        f"{'; '.join(wrong[:3])}; pass weights of the same architecture (width, depth, heads)")
+
+
+def report(weights: PretrainedWeights, model: nn.Module, derived: List[str], classifiers: Tuple[str, ...],
+           num_classes: int) -> InitReport:
+    """What loading ``weights`` into ``model`` did, key by key."""
+    own, given = model.state_dict(), weights.state_dict
+    heads = {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")}
+    result = InitReport(weights.name)
+    derived_keys = {d.split(":")[0] for d in derived}
+    result.adapted += [d for d in derived if d.startswith("pos_embed")]
+    for key, tensor in own.items():
+        if key not in given:
+            result.new.append(f"{key}: not in the weights")
+        elif key in heads and weights.num_classes != num_classes:
+            result.new.append(f"{key}: {weights.num_classes} -> {num_classes} classes")
+        elif given[key].shape != tensor.shape:
+            result.adapted.append(f"{key}: {list(given[key].shape)} -> {list(tensor.shape)}")
+        elif key.split(".")[0] in derived_keys and key.split(".")[0] != "pos_embed":
+            result.adapted.append(next(d for d in derived if d.startswith(key.split(".")[0])) + f" ({key})")
+        else:
+            result.loaded.append(key)
+    result.adapted = list(dict.fromkeys(result.adapted))
+    result.ignored = [key for key in given if key not in own]
+    return result
+
+
+def build_initialised(build: Callable[[Dict[str, Any]], nn.Module], network: Callable[[nn.Module], nn.Module], reference: str,
+                      role: str, num_classes: int, img_size: int, distilled: bool) -> Tuple[nn.Module, InitReport]:
+    """``build(timm_kwargs)`` started from ``reference``'s weights; ``network(model)`` is the timm model inside.
+
+    A random-weight build first tells which tensors are the input convolution and the classifiers
+    (the model's ``pretrained_cfg``) and lets mismatches be refused before timm loads anything.
+    """
+    fresh = network(build({}))
+    cfg = getattr(fresh, "pretrained_cfg", {}) or {}
+    first_conv = cfg.get("first_conv")
+    classifiers = tuple([cfg["classifier"]] if isinstance(cfg.get("classifier"), str) else cfg.get("classifier") or ())
+    weights = read_pretrained(reference, role, first_conv, classifiers)
+    derived: List[str] = []
+    if distilled:
+        weights.state_dict, derived = add_distillation_token(weights.state_dict)
+    check_fits(weights, fresh, classifiers, first_conv)
+    try:
+        model = build(timm_kwargs(weights, img_size))
+    except RuntimeError as exc:  # what timm could not adapt
+        raise CSKDError(f"{weights.name} does not fit this model: {str(exc).splitlines()[0][:300]}") from None
+    return model, report(weights, network(model), derived, classifiers, num_classes)
