@@ -291,6 +291,14 @@ def validate(cfg: Config) -> None:
         raise CSKDError(
             f"student.img_size={cfg.student.img_size} is not a multiple of student.patch_size={cfg.student.patch_size}"
         )
+    for section, target in (("student", "student"), ("teacher", "teacher")):
+        own = getattr(cfg, section)
+        if own.init and cfg.train.target != target:
+            raise CSKDError(f"{section}.init starts the network a run trains, and this run trains the {cfg.train.target}; "
+                            f"set {cfg.train.target}.init" + (" (the teacher it distils from is teacher.checkpoint)"
+                                                             if section == "teacher" else ""))
+        if own.init and "pretrained" in own.kwargs:
+            raise CSKDError(f"{section}.init and {section}.kwargs.pretrained both choose the starting weights; keep {section}.init")
     if cfg.data.unlabeled and not (cfg.train.target == "student" and TASKS["student"].distils(cfg)):
         raise CSKDError("data.unlabeled adds images only a teacher supervises, so it needs a distilled student: "
                         "train.target=student with loss.deit_type or loss.cskd_type not none (or drop data.unlabeled)")

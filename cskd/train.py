@@ -96,7 +96,10 @@ def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
         train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **common)
         return Loaders(train_loader, val_loader, info, train_split, sampler, len(train_set))
     transfer = cached.datasets[1]
-    transfer_batch = max(1, round(d.unlabeled_ratio * cfg.train.batch_size))
+    transfer_batch = round(d.unlabeled_ratio * cfg.train.batch_size)
+    if transfer_batch < 1:
+        raise CSKDError(f"data.unlabeled_ratio={d.unlabeled_ratio} x train.batch_size={cfg.train.batch_size} is less than one "
+                        "transfer image per step; raise data.unlabeled_ratio")
     batches = MixedBatchSampler(sampler, cfg.train.batch_size, len(transfer), transfer_batch, len(train_set),
                                 env.rank, env.world_size, cfg.train.seed)
     mixed = ConcatDataset([train_set, Indexed(transfer, offset=len(train_split))])  # cache rows follow the split's
@@ -329,7 +332,9 @@ def schedule_changes(old: Dict[str, int], new: Dict[str, int]) -> List[str]:
     names = {"epochs": "train.epochs", "batch_size": "train.batch_size", "world_size": "world size",
              "train_images": "training images", "steps_per_epoch": "steps/epoch", "transfer_images": "transfer images",
              "transfer_batch": "transfer images per step"}
-    return [f"{names[k]} {old[k]} -> {new[k]}" for k in names if k in old and old[k] != new[k]]
+    transfer = ("transfer_images", "transfer_batch")  # absent without a transfer set: none
+    return [f"{names[k]} {old.get(k, 'none')} -> {new.get(k, 'none')}" for k in names
+            if (k in old or k in transfer) and old.get(k) != new.get(k)]
 
 
 def print_epoch(metrics: Dict[str, Any], head: str, is_best: bool) -> None:

@@ -72,6 +72,16 @@ def test_a_transfer_set_without_a_distilled_student_is_refused(overrides):
         load_config(None, ["data.unlabeled_ratio=0"])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher.init=w.safetensors"], "teacher.init starts the network a run trains, and this run trains the student"),
+    (["student.init=w.safetensors", "train.target=teacher"], "student.init starts .* trains the teacher; set teacher.init"),
+    (["student.init=w.safetensors", "student.kwargs={pretrained: true}"], "both choose the starting weights"),
+])
+def test_starting_weights_for_the_network_a_run_does_not_train_are_refused(overrides, message):
+    with pytest.raises(CSKDError, match=message):
+        load_config(None, overrides)
+
+
 def test_missing_or_invalid_config_file(tmp_path):
     with pytest.raises(CSKDError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

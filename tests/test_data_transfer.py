@@ -46,6 +46,22 @@ def test_a_folder_of_images_at_any_depth_is_a_transfer_set_in_the_labelled_datas
     assert build_transfer_set(str(tmp_path), channels=3)[2][0].mode == "RGB"
 
 
+def test_a_transfer_set_of_only_labelled_images_says_so():
+    images = random_images(4)
+    labelled = ArrayImageDataset(images, np.arange(4))
+    with pytest.raises(CSKDError, match="all 4 images of data.unlabeled=.* are in the labelled training split"):
+        build_transfer_set_of(images, labelled)
+
+
+def build_transfer_set_of(images, labelled):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_idx_images(Path(folder) / "train-images-idx3-ubyte", images)
+        return build_transfer_set(folder, channels=1, labelled=labelled)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda root: root / "missing", "does not exist"),
     (lambda root: root, "holds no images"),

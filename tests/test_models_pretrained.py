@@ -79,7 +79,9 @@ def test_a_plain_vit_without_a_distillation_token_starts_it_from_the_class_token
     assert same(vit.pos_embed[:, 0], plain.pos_embed[:, 0]) and same(vit.pos_embed[:, 1], plain.pos_embed[:, 0])
     assert same(vit.pos_embed[:, 2:], plain.pos_embed[:, 1:])
     assert same(vit.blocks[0].attn.qkv.weight, plain.blocks[0].attn.qkv.weight)
-    assert {a.split(":")[0] for a in report.adapted} >= {"dist_token", "head_dist", "pos_embed"} and not report.new
+    assert {a.split(":")[0] for a in report.adapted} == {"dist_token", "head_dist.weight", "head_dist.bias", "pos_embed"}
+    assert not report.new and not report.ignored
+    assert len(report.loaded) + len(report.adapted) == len(vit.state_dict())  # each tensor counted once
 
 
 def test_a_teacher_starts_from_a_cskd_teacher_run_of_other_classes(tmp_path):
@@ -119,3 +121,17 @@ def test_an_offline_machine_asked_for_a_timm_tag_says_how_to_pass_the_file_inste
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty hub cache
     with pytest.raises(CSKDError, match="cannot fetch timm's deit_tiny_distilled_patch16_224.fb_in1k weights .*pass the file"):
         start("timm:deit_tiny_distilled_patch16_224.fb_in1k", student_spec())
+
+
+def test_a_cskd_run_of_the_other_role_is_refused(tmp_path):
+    spec = ModelSpec("teacher", "cskd_resnet_micro", 10, 1, 32)
+    save_weights(tmp_path / "teacher" / "best.safetensors", get_task("teacher").build(spec).state_dict(), spec)
+    with pytest.raises(CSKDError, match="holds a cskd teacher .*a student starts from a student's weights"):
+        start(tmp_path / "teacher")
+
+
+def test_weights_that_share_no_tensor_with_the_model_are_refused_not_silently_skipped(tmp_path):
+    source = source_student()
+    save_file({f"backbone.{k}": v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "prefixed.safetensors")
+    with pytest.raises(CSKDError, match=r"shares no tensor with .* e.g. backbone.blocks.0.*weights of this architecture"):
+        start(tmp_path / "prefixed.safetensors")

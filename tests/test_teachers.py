@@ -144,11 +144,12 @@ def test_a_transfer_batchs_cached_targets_equal_the_online_teachers(tmp_path, mi
         Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(folder / f"{i}.png")
     cfg = load_config(None, ["data.name=imagefolder", f"data.path={tmp_path / 'data'}", "data.channels=1", "data.workers=0",
                              f"data.unlabeled={tmp_path / 'unlabelled'}", "data.unlabeled_ratio=0.5", "train.batch_size=4",
+                             "data.max_train=6",  # batches index 6 labelled images, the cache the whole split's 10
                              "data.scale=[1.0, 1.0]", "data.hflip=0", f"teacher.cache={tmp_path / 'cache'}", *micro_teacher])
     assert cache_teacher(cfg, tmp_path / "cache", show_progress=False).count == 10 + 6
     cpu = torch.device("cpu")
     loaders = build_loaders(cfg, DistEnv(0, 1, 0, cpu), 32)
-    assert (loaders.labelled_images, loaders.transfer_images, loaders.transfer_batch) == (10, 6, 2)
+    assert (loaders.labelled_images, loaders.transfer_images, loaders.transfer_batch) == (6, 6, 2)
     images, targets, batch = next(iter(loaders.train))
     assert len(images) == 6 and (targets[:4] >= 0).all() and (targets[4:] == UNLABELED).all()
     assert (batch["index"][:4] < 10).all() and (batch["index"][4:] >= 10).all()

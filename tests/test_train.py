@@ -21,7 +21,7 @@ from cskd.files import file_sha256
 from cskd.models import create_teacher
 from cskd.run import RunDir
 from cskd.tasks import load_trained
-from cskd.train import train, train_sampler
+from cskd.train import schedule_changes, train, train_sampler
 from tests.conftest import quick_overrides, random_images, write_idx_images
 
 # No randomness from augmentation, so runs compare exactly.
@@ -123,6 +123,8 @@ def test_a_run_started_from_another_run_says_what_it_loaded_and_exports_as_any_r
     cfg = load_config(tuned.run_dir / "config.yaml", ["train.epochs=2"])
     train(cfg, resume=True, show_progress=False)
     assert "init from" not in capsys.readouterr().out  # the resume state holds the weights
+    resumed = load_file(tuned.run_dir / "last.safetensors")  # not the source's again: the heads are the tuned run's own
+    assert all(torch.allclose(resumed[k], after[k], atol=1e-6) for k in after)
     folder, package = export_model(tuned.run_dir, ExportOptions(out=tmp_path / "pkg", parity_images=64), log=lambda _: None)
     assert len(read_package(folder).classes) == 10 and package.gate["passed"]
 
@@ -203,6 +205,13 @@ def test_a_deit_run_predicts_with_the_heads_it_trained(tmp_path):
     with torch.no_grad():
         out = trained.model.forward_heads(x)
         assert torch.allclose(trained.model(x), (out.cls + out.dist) / 2, atol=1e-6)
+
+
+def test_a_resume_that_adds_or_drops_the_transfer_set_says_so():
+    labelled = {"epochs": 4, "steps_per_epoch": 2, "batch_size": 8, "world_size": 1, "train_images": 16}
+    transfer = {**labelled, "transfer_images": 40, "transfer_batch": 4}
+    assert schedule_changes(transfer, labelled) == ["transfer images 40 -> none", "transfer images per step 4 -> none"]
+    assert schedule_changes(labelled, transfer) == ["transfer images none -> 40", "transfer images per step none -> 4"]
 
 
 def test_repeated_augmentation_spreads_each_image_over_the_processes():

@@ -98,7 +98,12 @@ def build_transfer_set(spec: str, channels: int, transform: Optional[Callable] =
             raise CSKDError(f"{idx_file} holds {images.dtype} {list(images.shape)}, not uint8 images [N, H, W]; "
                             "point data.unlabeled at an IDX images file")
         if isinstance(labelled, ArrayImageDataset):
-            images = images[~_already_labelled(images, labelled.images)]
+            labelled_already = _already_labelled(images, labelled.images)
+            if labelled_already.all():
+                raise CSKDError(f"all {len(images)} images of data.unlabeled={spec} are in the labelled training split "
+                                "(data.max_train picks labelled images from the split, the rest of it stays labelled "
+                                "data); point data.unlabeled at other images")
+            images = images[~labelled_already]
         dataset: Dataset = UnlabeledArrayImages(images, transform, mode)
     elif path.is_dir():
         dataset = UnlabeledImageFiles(path, transform, mode)

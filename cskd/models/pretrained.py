@@ -76,6 +76,9 @@ def read_pretrained(reference: str, role: str, first_conv: Optional[str], classi
     spec = read_spec(path) if path.suffix == ".safetensors" else None
     state_dict = read_state_dict(path)
     if spec is not None:
+        if spec.role != role:
+            raise CSKDError(f"{role}.init={reference} holds a cskd {spec.role} ({spec.model}); a {role} starts from a "
+                            f"{role}'s weights: pass a {role} run, a weights file or timm:TAG")
         return PretrainedWeights(f"{path} (cskd {spec.role}, {spec.model})", state_dict, spec.num_classes, spec.in_chans)
     return PretrainedWeights(str(path), state_dict, _classes_of(state_dict, classifiers), _channels_of(state_dict, first_conv))
 
@@ -151,28 +154,40 @@ def check_fits(weights: PretrainedWeights, model: nn.Module, classifiers: Tuple[
                         f"{'; '.join(wrong[:3])}; pass weights of the same architecture (width, depth, heads)")
 
 
-def report(weights: PretrainedWeights, model: nn.Module, derived: List[str], classifiers: Tuple[str, ...],
-           num_classes: int) -> InitReport:
-    """What loading ``weights`` into ``model`` did, key by key."""
-    own, given = model.state_dict(), weights.state_dict
+def report(weights: PretrainedWeights, fresh: Dict[str, torch.Tensor], loaded: Dict[str, torch.Tensor],
+           derived: List[str], classifiers: Tuple[str, ...], num_classes: int) -> InitReport:
+    """What loading ``weights`` did to each tensor of the model: ``fresh`` is the model built without them
+    and ``loaded`` with them, both from the same random state, so a tensor timm's checkpoint filter
+    renamed (DeiT III's ``gamma_1``, CLIP's) shows as loaded, not as new."""
+    given = weights.state_dict
     heads = {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")}
+    how = {d.split(":")[0]: d.split(":", 1)[1].strip() for d in derived}
     result = InitReport(weights.name)
-    derived_keys = {d.split(":")[0] for d in derived}
-    result.adapted += [d for d in derived if d.startswith("pos_embed")]
-    for key, tensor in own.items():
-        if key not in given:
-            result.new.append(f"{key}: not in the weights")
-        elif key in heads and weights.num_classes != num_classes:
+    for key, tensor in loaded.items():
+        root = key.split(".")[0]
+        if key in heads and key in given and weights.num_classes != num_classes:
             result.new.append(f"{key}: {weights.num_classes} -> {num_classes} classes")
-        elif given[key].shape != tensor.shape:
-            result.adapted.append(f"{key}: {list(given[key].shape)} -> {list(tensor.shape)}")
-        elif key.split(".")[0] in derived_keys and key.split(".")[0] != "pos_embed":
-            result.adapted.append(next(d for d in derived if d.startswith(key.split(".")[0])) + f" ({key})")
+        elif key in given and given[key].shape != tensor.shape:
+            result.adapted.append(f"{key}: {list(given[key].shape)} -> {list(tensor.shape)}" + (f", {how[root]}" if root in how else ""))
+        elif root in how:
+            result.adapted.append(f"{key}: {how[root]}")
+        elif key in given or not torch.equal(tensor, fresh[key]):
+            result.loaded.append(key)  # by its name, or under another one by timm's checkpoint filter
         else:
-            result.loaded.append(key)
-    result.adapted = list(dict.fromkeys(result.adapted))
-    result.ignored = [key for key in given if key not in own]
+            result.new.append(f"{key}: not in the weights")
+    result.ignored = [key for key in given if key not in loaded]
     return result
+
+
+def check_something_loaded(result: InitReport, classifiers: Tuple[str, ...], model_name: str) -> None:
+    """Refuse weights that left the whole network as it was built (another architecture, prefixed keys):
+    a run would otherwise train from random weights while the user believes it fine-tunes."""
+    heads = {c for c in classifiers}
+    body = [k for k in result.loaded + [a.split(":")[0] for a in result.adapted] if k.rsplit(".", 1)[0] not in heads]
+    if not body:
+        names = ", ".join(result.ignored[:3]) or "none"
+        raise CSKDError(f"{result.source} shares no tensor with {model_name} (its tensors are named e.g. {names}); "
+                        "pass weights of this architecture")
 
 
 def build_initialised(build: Callable[[Dict[str, Any]], nn.Module], network: Callable[[nn.Module], nn.Module], reference: str,
@@ -182,7 +197,10 @@ def build_initialised(build: Callable[[Dict[str, Any]], nn.Module], network: Cal
     A random-weight build first tells which tensors are the input convolution and the classifiers
     (the model's ``pretrained_cfg``) and lets mismatches be refused before timm loads anything.
     """
-    fresh = network(build({}))
+    seed = int(torch.randint(2**31 - 1, ()))  # both builds draw the same random weights: see report()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = network(build({}))
     cfg = getattr(fresh, "pretrained_cfg", {}) or {}
     first_conv = cfg.get("first_conv")
     classifiers = tuple([cfg["classifier"]] if isinstance(cfg.get("classifier"), str) else cfg.get("classifier") or ())
@@ -192,7 +210,13 @@ def build_initialised(build: Callable[[Dict[str, Any]], nn.Module], network: Cal
         weights.state_dict, derived = add_distillation_token(weights.state_dict)
     check_fits(weights, fresh, classifiers, first_conv)
     try:
-        model = build(timm_kwargs(weights, img_size))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build(timm_kwargs(weights, img_size))
     except RuntimeError as exc:  # what timm could not adapt
         raise CSKDError(f"{weights.name} does not fit this model: {str(exc).splitlines()[0][:300]}") from None
-    return model, report(weights, network(model), derived, classifiers, num_classes)
+    net = network(model)
+    net.pretrained_cfg = net.default_cfg = fresh.pretrained_cfg  # timm kept the overlay: the whole state dict
+    result = report(weights, fresh.state_dict(), net.state_dict(), derived, classifiers, num_classes)
+    check_something_loaded(result, classifiers, type(net).__name__)
+    return model, result
