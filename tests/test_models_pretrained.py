@@ -114,24 +114,17 @@ def test_a_reference_that_names_no_weights_is_refused(reference, message):
         start(reference)
 
 
-def test_an_offline_machine_asked_for_a_timm_tag_says_how_to_pass_the_file_instead(monkeypatch, tmp_path):
-    import huggingface_hub.constants
+def test_an_offline_machine_asked_for_a_timm_tag_says_how_to_pass_the_file_instead(monkeypatch):
+    """No download is attempted: timm's fetch fails as it does without a hub (huggingface_hub's offline error)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at start-up
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty hub cache
+    create = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained and "state_dict" not in kwargs.get("pretrained_cfg_overlay", {}):
+            raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache and outgoing traffic has been disabled.")
+        return create(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(CSKDError, match="cannot fetch timm's deit_tiny_distilled_patch16_224.fb_in1k weights .*pass the file"):
         start("timm:deit_tiny_distilled_patch16_224.fb_in1k", student_spec())
-
-
-def test_a_cskd_run_of_the_other_role_is_refused(tmp_path):
-    spec = ModelSpec("teacher", "cskd_resnet_micro", 10, 1, 32)
-    save_weights(tmp_path / "teacher" / "best.safetensors", get_task("teacher").build(spec).state_dict(), spec)
-    with pytest.raises(CSKDError, match="holds a cskd teacher .*a student starts from a student's weights"):
-        start(tmp_path / "teacher")
-
-
-def test_weights_that_share_no_tensor_with_the_model_are_refused_not_silently_skipped(tmp_path):
-    source = source_student()
-    save_file({f"backbone.{k}": v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "prefixed.safetensors")
-    with pytest.raises(CSKDError, match=r"shares no tensor with .* e.g. backbone.blocks.0.*weights of this architecture"):
-        start(tmp_path / "prefixed.safetensors")
