@@ -62,13 +62,18 @@ def fashion_mnist_arrays(path: Optional[str], split: str) -> Tuple[np.ndarray, n
     return read_idx_split(path or FASHION_MNIST_DEBIAN_PATH, "train" if split == "train" else "t10k")
 
 
+def pil_mode(channels: int) -> str:
+    """The PIL mode images are read in for a data set of ``channels`` channels."""
+    return "L" if channels == 1 else "RGB"
+
+
 def _image_folder(root: Path, split: str, channels: int, transform: Optional[Callable]) -> Dataset:
     from torchvision.datasets import ImageFolder
 
     folder = root / split
     if not folder.is_dir():
         raise CSKDError(f"{folder} does not exist; an imagefolder root needs train/<class>/*.jpg and val/<class>/*.jpg")
-    mode = "L" if channels == 1 else "RGB"
+    mode = pil_mode(channels)
     try:
         return ImageFolder(str(folder), transform=transform, loader=lambda p: Image.open(p).convert(mode))
     except (FileNotFoundError, RuntimeError) as exc:

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
-from cskd.data.datasets import ArrayImageDataset
+from cskd.data.datasets import ArrayImageDataset, pil_mode
 from cskd.data.idx import read_idx
 from cskd.errors import CSKDError
 
@@ -90,7 +90,7 @@ def build_transfer_set(spec: str, channels: int, transform: Optional[Callable] =
     path = Path(spec).expanduser()
     if not path.exists():
         raise CSKDError(f"data.unlabeled={spec} does not exist; point it at a folder of images or an IDX images file")
-    mode = "L" if channels == 1 else "RGB"
+    mode = pil_mode(channels)
     idx_file = _idx_images_file(path)
     if idx_file is not None:
         images = read_idx(idx_file)

@@ -142,11 +142,16 @@ def timm_kwargs(weights: PretrainedWeights, img_size: Optional[int] = None) -> D
     return {"pretrained": True, "pretrained_cfg_overlay": overlay, "pretrained_strict": False}
 
 
+def head_keys(classifiers: Tuple[str, ...]) -> set:
+    """The state-dict keys of the classifier layers (timm's ``pretrained_cfg["classifier"]``)."""
+    return {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")}
+
+
 def check_fits(weights: PretrainedWeights, model: nn.Module, classifiers: Tuple[str, ...], first_conv: Optional[str]) -> None:
     """Refuse weights with a tensor of another shape that no adaptation changes (another width, depth...)."""
     own = model.state_dict()
     adaptable = {*ADAPTABLE, *([f"{first_conv}.weight"] if first_conv else [])}
-    heads = {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")}
+    heads = head_keys(classifiers)
     wrong = [f"{k} {list(v.shape)} (the model's {list(own[k].shape)})" for k, v in weights.state_dict.items()
              if k in own and v.shape != own[k].shape and k not in adaptable and k not in heads]
     if wrong:
@@ -160,7 +165,7 @@ def report(weights: PretrainedWeights, fresh: Dict[str, torch.Tensor], loaded: D
     and ``loaded`` with them, both from the same random state, so a tensor timm's checkpoint filter
     renamed (DeiT III's ``gamma_1``, CLIP's) shows as loaded, not as new."""
     given = weights.state_dict
-    heads = {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")}
+    heads = head_keys(classifiers)
     how = {d.split(":")[0]: d.split(":", 1)[1].strip() for d in derived}
     result = InitReport(weights.name)
     for key, tensor in loaded.items():
@@ -182,8 +187,8 @@ def report(weights: PretrainedWeights, fresh: Dict[str, torch.Tensor], loaded: D
 def check_something_loaded(result: InitReport, classifiers: Tuple[str, ...], model_name: str) -> None:
     """Refuse weights that left the whole network as it was built (another architecture, prefixed keys):
     a run would otherwise train from random weights while the user believes it fine-tunes."""
-    heads = {c for c in classifiers}
-    body = [k for k in result.loaded + [a.split(":")[0] for a in result.adapted] if k.rsplit(".", 1)[0] not in heads]
+    heads = head_keys(classifiers)
+    body = [k for k in result.loaded + [a.split(":")[0] for a in result.adapted] if k not in heads]
     if not body:
         names = ", ".join(result.ignored[:3]) or "none"
         raise CSKDError(f"{result.source} shares no tensor with {model_name} (its tensors are named e.g. {names}); "
