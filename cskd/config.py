@@ -85,6 +85,7 @@ class TrainConfig:
     warmup_epochs: float = 5
     weight_decay: float = 0.05
     opt: str = "adamw"  # any timm optimizer name
+    layer_decay: Optional[float] = None  # layer-wise LR decay (timm's): block i of n learns at rate x decay^(n-i); null off
     clip_grad: Optional[float] = None  # max gradient norm; null disables
     ema: bool = False  # keep an EMA of the weights; evaluated and saved instead of the raw weights
     ema_decay: float = 0.99996
@@ -138,6 +139,7 @@ _RANGES = {
     "train.min_lr": (0, 1, True),
     "train.warmup_epochs": (0, 100000, True),
     "train.weight_decay": (0, 10, True),
+    "train.layer_decay": (0, 1, False),
     "train.clip_grad": (0, 1e6, False),
     "train.ema_decay": (0, 1, False),
     "loss.alpha": (0, 1, True),

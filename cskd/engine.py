@@ -117,7 +117,7 @@ def train_one_epoch(
             current = float(loss.detach())  # syncs the device; only every few steps
             _check_finite(current, epoch, i)
             rate = seen * ctx.env.world_size / (time.perf_counter() - start)
-            progress_bar.set_postfix(loss=f"{current:.3f}", lr=f"{ctx.optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}")
+            progress_bar.set_postfix(loss=f"{current:.3f}", lr=f"{current_lr(ctx.optimizer):.2e}", img_s=f"{rate:.0f}")
         if progress_bar is not None:
             progress_bar.update(1)
     elapsed = time.perf_counter() - start
@@ -125,7 +125,7 @@ def train_one_epoch(
     totals = all_reduce_sum(torch.stack([sums[n] for n in names] + [torch.tensor(float(seen), device=ctx.env.device)]), ctx.env)
     metrics = {f"loss_{n}" if n != "loss" else "loss": float(totals[j] / totals[-1]) for j, n in enumerate(names)}
     _check_finite(metrics["loss"], epoch, steps_per_epoch - 1)
-    metrics["lr"] = ctx.optimizer.param_groups[0]["lr"]
+    metrics["lr"] = current_lr(ctx.optimizer)
     # step counting: the ratio the epoch ends at; epoch counting: the one it used throughout
     end = training_progress(step - 1, steps_per_epoch, total_steps, "epoch") if ctx.ckf_progress == "epoch" else step / total_steps
     metrics["ckf_ratio"] = ckf_ratio(end, ctx.decay)
@@ -151,6 +151,11 @@ def _optimize(ctx: StepContext, loss: torch.Tensor, step: int) -> None:
     ctx.scheduler.step_update(num_updates=step)
     if ctx.ema is not None:
         ctx.ema.update(ctx.model.module if hasattr(ctx.model, "module") else ctx.model, step=step)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's rate: the largest group's (with layer-wise decay the lower layers run at a fraction of it)."""
+    return max(group["lr"] for group in optimizer.param_groups)
 
 
 def _check_finite(value: float, epoch: int, step: int) -> None:

@@ -33,7 +33,7 @@ from cskd.data.samples import Indexed, limit
 from cskd.data.transfer import MixedBatchSampler, training_images
 from cskd.data.transforms import eval_transform, train_transform
 from cskd.distributed import DistEnv, barrier, init_distributed, shutdown
-from cskd.engine import Normalization, StepContext, amp_dtype, evaluate, train_one_epoch
+from cskd.engine import Normalization, StepContext, amp_dtype, current_lr, evaluate, train_one_epoch
 from cskd.errors import CSKDError
 from cskd.models.pretrained import InitReport
 from cskd.plots import plot_curves
@@ -208,7 +208,8 @@ def build_session(cfg: Config, env: DistEnv, resume: bool) -> Session:
     model = model.to(env.device)
     teacher = build_teacher_targets(cfg, loaders.info, loaders.train_split, env.device) if task.distils(cfg) else None
     mixup = build_mixup(cfg.data, cfg.train.batch_size, loaders.info.num_classes)
-    optimizer = create_optimizer_v2(model, opt=cfg.train.opt, lr=scaled_lr(cfg, env.world_size), weight_decay=cfg.train.weight_decay)
+    optimizer = create_optimizer_v2(model, opt=cfg.train.opt, lr=scaled_lr(cfg, env.world_size), weight_decay=cfg.train.weight_decay,
+                                    layer_decay=cfg.train.layer_decay)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched="cosine", num_epochs=cfg.train.epochs, warmup_epochs=cfg.train.warmup_epochs,
         min_lr=cfg.train.min_lr, warmup_lr=cfg.train.warmup_lr, step_on_epochs=False,
@@ -296,7 +297,7 @@ class MainProcess(Quiet):
                   "stopped before writing it")
         changes = schedule_changes(session.resumed_schedule, session.schedule) if session.resumed_schedule else []
         if changes:
-            lr = session.ctx.optimizer.param_groups[0]["lr"]
+            lr = current_lr(session.ctx.optimizer)
             print(f"  resumed with {', '.join(changes)}: the LR cosine and CKF continue from epoch {session.start_epoch} "
                   f"of {cfg.train.epochs} on the new schedule (lr now {lr:.2e})")
         if session.task.distils(cfg):

@@ -61,3 +61,34 @@ def test_no_weight_decay_names_match_wrapper_parameters(tiny_student):
     # timm's optimizer factory matches these names against the wrapper's parameter names
     names = dict(tiny_student.named_parameters())
     assert {"vit.cls_token", "vit.dist_token", "vit.pos_embed"} <= set(tiny_student.no_weight_decay()) & set(names)
+
+
+def test_layer_decay_scales_each_block_by_its_depth_as_timm_does_for_the_bare_vit():
+    """timm's layer-wise decay through the wrapper: every parameter gets the scale timm gives the
+    same parameter of the bare ViT (block i of n: decay^(n-i), the stem decay^(n+1), the heads 1),
+    and the scheduler then sets each group's rate to the schedule's times that scale."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    depth, decay = 3, 0.5
+    student = create_student("cskd_deit_nano_distilled_patch4_32", 10, img_size=32, patch_size=4, in_chans=1,
+                             embed_dim=32, depth=depth, num_heads=2)
+
+    def scales(model):
+        optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=decay)
+        by_id = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
+        return optimizer, {n: by_id[id(p)] for n, p in model.named_parameters()}
+
+    optimizer, wrapped = scales(student)
+    assert wrapped == {f"vit.{n}": v for n, v in scales(student.vit)[1].items()}
+    for i in range(depth):
+        assert wrapped[f"vit.blocks.{i}.attn.qkv.weight"] == pytest.approx(decay ** (depth - i))
+    assert wrapped["vit.pos_embed"] == pytest.approx(decay ** (depth + 1)) and wrapped["vit.head.weight"] == 1.0
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=10, warmup_epochs=0, step_on_epochs=False,
+                                       updates_per_epoch=1)
+    scheduler.step_update(num_updates=5)
+    named = dict(student.named_parameters())
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    head_rate = rates[id(named["vit.head.weight"])]
+    assert 0 < head_rate < 1e-3
+    assert rates[id(named["vit.blocks.0.attn.qkv.weight"])] == pytest.approx(head_rate * decay ** depth)

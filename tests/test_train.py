@@ -105,8 +105,13 @@ def test_a_run_started_from_another_run_says_what_it_loaded_and_exports_as_any_r
     """A run of 7 classes seeds a run of 10 (the embedded data) at a learning rate too small to move
     anything: the fine-tuned run's weights are the source's but for the re-initialised heads, a
     resume does not load them again, and `cskd export` packages it as it packages any run."""
+    from fastapi.testclient import TestClient
+
+    from cskd.data.datasets import build_dataset
     from cskd.export.exporter import ExportOptions, export_model
     from cskd.runtime.package import read_package
+    from cskd.runtime.predict import predict_files
+    from cskd.serve.app import create_app
 
     source = run(tmp_path, "source", **{"train.epochs": 1})
     tensors = load_file(source.run_dir / "last.safetensors")
@@ -127,6 +132,31 @@ def test_a_run_started_from_another_run_says_what_it_loaded_and_exports_as_any_r
     assert all(torch.allclose(resumed[k], after[k], atol=1e-6) for k in after)
     folder, package = export_model(tuned.run_dir, ExportOptions(out=tmp_path / "pkg", parity_images=64), log=lambda _: None)
     assert len(read_package(folder).classes) == 10 and package.gate["passed"]
+    image = tmp_path / "val5.png"
+    build_dataset("fashion-mnist-demo", "val")[0][5][0].save(image)
+    with TestClient(create_app(folder)) as client:  # `cskd serve` of the fine-tuned package
+        response = client.post("/predict?top_k=2", files=[("files", (image.name, image.read_bytes(), "image/png"))])
+    assert response.status_code == 200, response.text
+    expected = predict_files(folder, [image], k=2)[0]["top"]
+    assert [t["index"] for t in response.json()["predictions"][0]["top"]] == [t["index"] for t in expected]
+
+
+@pytest.mark.slow
+def test_layer_decay_slows_the_lower_layers_and_logs_the_schedules_rate(tmp_path):
+    """train.layer_decay reaches the optimizer: the logged rate is the schedule's (the heads'), as
+    without it; the stem (decay^(depth+1) = 1/4 of the rate at depth 1 and decay 0.5) moves about a
+    quarter as far from the same start (Adam's steps scale with the rate), the head about as far."""
+    start = {"train.epochs": 1, "student.kwargs": "{embed_dim: 32, depth: 1, num_heads: 2}"}
+    plain, decayed = run(tmp_path, "plain", **start), run(tmp_path, "decayed", **start, **{"train.layer_decay": 0.5})
+    assert [r["lr"] for r in RunDir(decayed.run_dir).metrics()] == [r["lr"] for r in RunDir(plain.run_dir).metrics()]
+    initial = load_file(run(tmp_path, "still", **start, **{"train.lr": 1e-12, "train.min_lr": 0}).run_dir / "last.safetensors")
+    weights = {r.run_dir.name: load_file(r.run_dir / "last.safetensors") for r in (plain, decayed)}
+
+    def moved(name: str, key: str) -> float:
+        return float((weights[name][key] - initial[key]).norm())
+
+    assert moved("decayed", "pos_embed") < 0.5 * moved("plain", "pos_embed")
+    assert 0.5 < moved("decayed", "head.weight") / moved("plain", "head.weight") < 2
 
 
 @pytest.mark.slow

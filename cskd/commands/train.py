@@ -17,6 +17,9 @@ examples:
   cskd cache-teacher data.unlabeled=/usr/share/datasets/fashion-mnist --out runs/cache-transfer
   cskd train data.unlabeled=/usr/share/datasets/fashion-mnist teacher.cache=runs/cache-transfer train.epochs=12
                                                 # + unlabelled images the teacher alone supervises
+  cskd train --config finetune-teacher data.path=ROOT teacher.init=regnety_160.safetensors output=runs/t
+  cskd train --config finetune data.path=ROOT student.init=deit_tiny_distilled_patch16_224.safetensors \
+      teacher.checkpoint=runs/t teacher.cache=runs/t-cache  # fine-tune both from pretrained weights (README)
   torchrun --nproc-per-node 2 -m cskd train ...          # data-parallel on 2 processes
 
 config keys (defaults: cskd/configs/demo.yaml; full list and meaning in the README):
@@ -26,7 +29,7 @@ config keys (defaults: cskd/configs/demo.yaml; full list and meaning in the READ
   student.model student.init student.img_size student.patch_size student.drop_path student.kwargs
   teacher.model teacher.checkpoint teacher.cache teacher.init teacher.img_size teacher.kwargs
   train.target train.epochs train.batch_size train.lr train.min_lr train.warmup_epochs
-  train.weight_decay train.opt train.clip_grad train.ema train.ema_decay train.amp
+  train.weight_decay train.opt train.layer_decay train.clip_grad train.ema train.ema_decay train.amp
   train.compile train.device train.seed train.threads
   loss.alpha loss.deit_type loss.cskd_type loss.cskd_weight loss.decay loss.tau   output
 """
@@ -37,7 +40,8 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a DeiT student from a CNN teacher with Cumulative Spatial Knowledge Distillation.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides with dotted keys")
-    p.add_argument("--config", type=Path, help="YAML file, or a packaged config by name: demo (default), teacher-demo")
+    p.add_argument("--config", type=Path, help="YAML file, or a packaged config by name: demo (default), teacher-demo, "
+                   "finetune, finetune-teacher, cskd-deit-ti, cskd-deit-s, cskd-deit-b")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last epoch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=run)

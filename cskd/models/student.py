@@ -72,6 +72,16 @@ class DistilledStudent(nn.Module):
     def no_weight_decay(self) -> set:
         return {f"vit.{name}" for name in self.vit.no_weight_decay()}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """The ViT's parameter groups (stem, blocks, norm) under this wrapper's ``vit.`` prefix: what
+        timm's layer-wise LR decay (``train.layer_decay``) reads; the heads match none, so they keep the full rate."""
+        def prefixed(pattern: str) -> str:
+            return rf"^vit\.(?:{pattern.lstrip('^')})"
+
+        return {group: prefixed(rule) if isinstance(rule, str) else [(prefixed(p), order) for p, order in rule]
+                for group, rule in self.vit.group_matcher(coarse).items()}
+
     def forward_heads(self, x: torch.Tensor) -> StudentOutput:
         tokens = self.vit.head_drop(self.vit.forward_features(x))
         n, h, w = tokens.shape[0], *self.grid_size
