@@ -66,3 +66,20 @@ def test_non_cnn_teacher_is_refused_with_a_clear_message():
 def test_unknown_teacher_name_suggests_close_matches():
     with pytest.raises(CSKDError, match="did you mean.*resnet18"):
         create_teacher("resnet_18", num_classes=3)
+
+
+def test_layer_decay_groups_the_teacher_as_timm_groups_the_bare_cnn():
+    """train.layer_decay on a teacher run: each parameter of the wrapper gets the scale timm gives the
+    same parameter of the bare CNN (stem lowest, the classifier the full rate)."""
+    from timm.optim import create_optimizer_v2
+
+    teacher = create_teacher("cskd_resnet_micro", 10, 1, output_stride=8).requires_grad_(True)
+
+    def scales(model):
+        optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+        by_id = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
+        return {n: by_id[id(p)] for n, p in model.named_parameters()}
+
+    wrapped = scales(teacher)
+    assert wrapped == {f"model.{n}": v for n, v in scales(teacher.model).items()}
+    assert wrapped["model.conv1.weight"] < wrapped["model.layer1.0.conv1.weight"] < wrapped["model.fc.weight"] == 1.0

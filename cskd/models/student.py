@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from cskd.errors import CSKDError
-from cskd.models.factory import create_timm_model
+from cskd.models.factory import create_timm_model, prefixed_group_matcher
 
 HEADS = ("cls", "dist", "dense")  # class token, distillation token, mean of the patch tokens
 
@@ -74,13 +74,7 @@ class DistilledStudent(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        """The ViT's parameter groups (stem, blocks, norm) under this wrapper's ``vit.`` prefix: what
-        timm's layer-wise LR decay (``train.layer_decay``) reads; the heads match none, so they keep the full rate."""
-        def prefixed(pattern: str) -> str:
-            return rf"^vit\.(?:{pattern.lstrip('^')})"
-
-        return {group: prefixed(rule) if isinstance(rule, str) else [(prefixed(p), order) for p, order in rule]
-                for group, rule in self.vit.group_matcher(coarse).items()}
+        return prefixed_group_matcher(self.vit, "vit", coarse)  # train.layer_decay
 
     def forward_heads(self, x: torch.Tensor) -> StudentOutput:
         tokens = self.vit.head_drop(self.vit.forward_features(x))

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from cskd.checkpoint import load_into, resolve_checkpoint
 from cskd.errors import CSKDError
-from cskd.models.factory import create_timm_model
+from cskd.models.factory import create_timm_model, prefixed_group_matcher
 
 
 class DenseTeacher(nn.Module):
@@ -38,6 +38,10 @@ class DenseTeacher(nn.Module):
     @property
     def num_classes(self) -> int:
         return int(self.model.num_classes)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return prefixed_group_matcher(self.model, "model", coarse)  # train.layer_decay
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         features = self.model.forward_features(x)
