@@ -70,7 +70,7 @@ class Task:
         if not init:
             return self.build(spec, drop_path_rate), None
         return build_initialised(lambda kwargs: self.build(spec, drop_path_rate, **kwargs), self.network, init, self.name,
-                                 spec.num_classes, spec.img_size, distilled=self.name == "student")
+                                 spec.num_classes, spec.img_size, distilled=self.name == "student", class_names=spec.class_names)
 
     def distils(self, cfg: "Config") -> bool:
         return False

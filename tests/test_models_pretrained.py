@@ -3,6 +3,8 @@ against what the source weights hold, and what cannot be adapted refused."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import timm
 import torch
@@ -82,6 +84,22 @@ def test_a_plain_vit_without_a_distillation_token_starts_it_from_the_class_token
     assert {a.split(":")[0] for a in report.adapted} == {"dist_token", "head_dist.weight", "head_dist.bias", "pos_embed"}
     assert not report.new and not report.ignored
     assert len(report.loaded) + len(report.adapted) == len(vit.state_dict())  # each tensor counted once
+
+
+def test_a_cskd_run_of_as_many_other_classes_starts_the_heads_fresh_and_one_of_the_same_keeps_them(tmp_path):
+    """Pretrained on classes 0-4, fine-tuned on 5-9: same count, but the heads' rows mean other
+    classes, so they start fresh; the same classes again keep them."""
+    source = source_student(classes=5)
+    named = lambda names: replace(student_spec(classes=5), class_names=names)  # noqa: E731
+    save_weights(tmp_path / "run" / "best.safetensors", source.state_dict(), named(["tshirt", "trouser", "pullover", "dress", "coat"]))
+    model, report = start(tmp_path / "run", named(["sandal", "shirt", "sneaker", "bag", "boot"]))
+    heads = {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    own = model.vit.state_dict()
+    assert all(same(own[k], v) for k, v in source.state_dict().items() if k not in heads)
+    assert not any(same(own[k], source.state_dict()[k]) for k in ("head.weight", "head_dist.weight"))
+    assert sorted(n.split(":")[0] for n in report.new) == sorted(heads) and "other classes (tshirt, trouser, ...)" in report.new[0]
+    kept, report = start(tmp_path / "run", named(["tshirt", "trouser", "pullover", "dress", "coat"]))
+    assert all(same(kept.vit.state_dict()[k], v) for k, v in source.state_dict().items()) and not report.new
 
 
 def test_a_teacher_starts_from_a_cskd_teacher_run_of_other_classes(tmp_path):

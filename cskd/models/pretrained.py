@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,8 @@ class PretrainedWeights:
     state_dict: Dict[str, torch.Tensor]
     num_classes: Optional[int]  # None: no classifier found
     in_chans: Optional[int]
+    class_names: Optional[List[str]] = None  # a cskd run's classes; None: unknown
+    other_classes: bool = False  # as many classes as the run's, but others: the heads were dropped
 
 
 @dataclass
@@ -79,7 +81,8 @@ def read_pretrained(reference: str, role: str, first_conv: Optional[str], classi
         if spec.role != role:
             raise CSKDError(f"{role}.init={reference} holds a cskd {spec.role} ({spec.model}); a {role} starts from a "
                             f"{role}'s weights: pass a {role} run, a weights file or timm:TAG")
-        return PretrainedWeights(f"{path} (cskd {spec.role}, {spec.model})", state_dict, spec.num_classes, spec.in_chans)
+        return PretrainedWeights(f"{path} (cskd {spec.role}, {spec.model})", state_dict, spec.num_classes, spec.in_chans,
+                                 list(spec.class_names) or None)
     return PretrainedWeights(str(path), state_dict, _classes_of(state_dict, classifiers), _channels_of(state_dict, first_conv))
 
 
@@ -170,7 +173,9 @@ def report(weights: PretrainedWeights, fresh: Dict[str, torch.Tensor], loaded: D
     result = InitReport(weights.name)
     for key, tensor in loaded.items():
         root = key.split(".")[0]
-        if key in heads and key in given and weights.num_classes != num_classes:
+        if key in heads and weights.other_classes:
+            result.new.append(f"{key}: trained for other classes ({', '.join(weights.class_names[:2])}, ...)")
+        elif key in heads and key in given and weights.num_classes != num_classes:
             result.new.append(f"{key}: {weights.num_classes} -> {num_classes} classes")
         elif key in given and given[key].shape != tensor.shape:
             result.adapted.append(f"{key}: {list(given[key].shape)} -> {list(tensor.shape)}" + (f", {how[root]}" if root in how else ""))
@@ -195,8 +200,18 @@ def check_something_loaded(result: InitReport, classifiers: Tuple[str, ...], mod
                         "pass weights of this architecture")
 
 
+def drop_heads_of_other_classes(weights: PretrainedWeights, class_names: Sequence[str], classifiers: Tuple[str, ...]) -> None:
+    """A cskd run of as many classes as this one but other ones (classes 0-4, now 5-9): its heads map
+    features to the wrong classes, so they are dropped and start fresh, as for another class count."""
+    if weights.class_names and len(weights.class_names) == len(class_names) and weights.class_names != list(class_names):
+        heads = head_keys(classifiers)
+        weights.state_dict = {k: v for k, v in weights.state_dict.items() if k not in heads}
+        weights.other_classes = True
+
+
 def build_initialised(build: Callable[[Dict[str, Any]], nn.Module], network: Callable[[nn.Module], nn.Module], reference: str,
-                      role: str, num_classes: int, img_size: int, distilled: bool) -> Tuple[nn.Module, InitReport]:
+                      role: str, num_classes: int, img_size: int, distilled: bool,
+                      class_names: Sequence[str] = ()) -> Tuple[nn.Module, InitReport]:
     """``build(timm_kwargs)`` started from ``reference``'s weights; ``network(model)`` is the timm model inside.
 
     A random-weight build first tells which tensors are the input convolution and the classifiers
@@ -210,6 +225,7 @@ def build_initialised(build: Callable[[Dict[str, Any]], nn.Module], network: Cal
     first_conv = cfg.get("first_conv")
     classifiers = tuple([cfg["classifier"]] if isinstance(cfg.get("classifier"), str) else cfg.get("classifier") or ())
     weights = read_pretrained(reference, role, first_conv, classifiers)
+    drop_heads_of_other_classes(weights, class_names, classifiers)
     derived: List[str] = []
     if distilled:
         weights.state_dict, derived = add_distillation_token(weights.state_dict)
