@@ -50,7 +50,7 @@ class ExportOptions:
     teacher: bool = False  # export the teacher a student run distilled from
     gate: bool = True
     parity_images: int = 500
-    calib_images: int = 512
+    calib_images: Optional[int] = None  # int8: None is 512, or half of a training split too small for both sets (fine-tuning)
     tuning_images: int = 1000  # int8: training images to choose the calibration and float fallbacks on (0: recipe only)
     data: Optional[str] = None  # data set for parity and calibration (default: the run's)
     data_path: Optional[str] = None
@@ -69,10 +69,10 @@ COUNTS = (
 def check_counts(options: ExportOptions) -> None:
     """Each count at least its least value (a negative image count would slice the data from its end)."""
     for flag, name, least, what in COUNTS:
-        value = getattr(options, name)
-        if value < least:
-            raise CSKDError(f"{flag} {value} is below {least}: it counts {what}; pass {flag} {getattr(ExportOptions, name)} "
-                            f"(the default) or another count of at least {least}")
+        value, default = getattr(options, name), getattr(ExportOptions, name)
+        if value is not None and value < least:
+            fix = f"pass {flag} {default} (the default)" if default is not None else f"omit {flag} (the default)"
+            raise CSKDError(f"{flag} {value} is below {least}: it counts {what}; {fix} or another count of at least {least}")
 
 
 def resolve_source(source: Path, teacher: bool) -> Path:
@@ -130,15 +130,17 @@ def _build_context(stage: Path, module: DeployModule, trained: Trained, options:
         return evaluation_dataset(trained.path, ModelInput.of_spec(spec), "train", options.data, options.data_path)[0]
 
     def calibration() -> List[np.ndarray]:
-        images, _ = sample_images(training_split(), options.calib_images)
-        return [feed(images[i : i + 32]) for i in range(0, len(images), 32)]
+        split = training_split()
+        images, _ = sample_images(split, calibration_count(len(split), options, log))
+        return [feed(images[i : i + CALIB_BATCH]) for i in range(0, len(images), CALIB_BATCH)]
 
     def tuning() -> Tuning:
         # the images after the calibration's in the split's one sample order: none of them calibrated;
         # judged against the fp32 model
         split = training_split()
-        count = tuning_count(len(split), options.calib_images, options.tuning_images, log)
-        images, labels = sample_images(split, count, skip=options.calib_images)
+        calibrated = calibration_count(len(split), options, lambda _: None)  # said once, by calibration()
+        count = tuning_count(len(split), calibrated, options.tuning_images, log)
+        images, labels = sample_images(split, count, skip=calibrated)
         inputs = feed(images)
         with torch.inference_mode():
             reference = run_batched(lambda x: _logits(module(torch.from_numpy(x))).numpy(), inputs, 64)
@@ -151,6 +153,30 @@ def _build_context(stage: Path, module: DeployModule, trained: Trained, options:
                         metadata, calibration, tuning if options.tuning_images > 0 else None, spec.in_chans, spec.img_size,
                         options.max_batch, cache_dir, log,
                         name=package_name(spec), engine=options.engine)
+
+
+DEFAULT_CALIB_IMAGES = 512
+CALIB_BATCH = 32
+
+
+def calibration_count(available: int, options: ExportOptions, log: Callable[[str], None]) -> int:
+    """How many training images int8 is calibrated on: ``--calib-images`` when given; else 512, or half
+    of a split too small for 512 and the tuning images (a fine-tuning set of a few hundred), the
+    other half left to tune on. Whole batches of 32 only: onnxruntime's calibrator stacks every
+    batch's activations into one array, so a shorter last batch would break it."""
+    if options.calib_images is not None:
+        count = options.calib_images
+    elif options.tuning_images == 0 or available >= 2 * DEFAULT_CALIB_IMAGES:
+        count = min(DEFAULT_CALIB_IMAGES, available)
+    else:
+        count = available // 2
+    whole = count - count % CALIB_BATCH or count
+    if options.calib_images is None and whole < DEFAULT_CALIB_IMAGES:
+        log(f"int8: the training split has {available} images: calibrating on {whole}, tuning on the other "
+            f"{available - whole} (--calib-images sets it)")
+    elif whole != count:
+        log(f"int8: calibrating on {whole} images, whole batches of {CALIB_BATCH} (--calib-images {count})")
+    return whole
 
 
 def tuning_count(available: int, calib_images: int, tuning_images: int, log: Callable[[str], None]) -> int:

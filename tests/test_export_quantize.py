@@ -138,6 +138,27 @@ def test_int8_tuning_images_are_never_calibration_images(monkeypatch, tmp_path, 
     assert len({i * 10 // split_size for i in calibrated}) == 10  # spread over the whole split, not its start
 
 
+@pytest.mark.parametrize("split_size, calibrated_count", [(500, 224), (301, 128), (5_000, 512), (40, 20)])
+def test_by_default_a_small_split_is_halved_between_calibration_and_tuning(monkeypatch, tmp_path, split_size, calibrated_count):
+    """A fine-tuning set of a few hundred images: without --calib-images, half calibrates (in whole
+    batches of 32, what onnxruntime's calibrator can stack) and the rest tunes, as the log says; a
+    large split keeps 512 and 1,000."""
+    logged = []
+    calibrated, tuned = int8_image_indices(monkeypatch, tmp_path, split_size, None, 1_000, logged.append)
+    assert len(set(calibrated)) == calibrated_count and set(calibrated).isdisjoint(tuned)
+    assert len(set(tuned)) == min(1_000, split_size - calibrated_count)
+    if split_size < 1_024:
+        rest = split_size - calibrated_count
+        assert f"has {split_size} images: calibrating on {calibrated_count}, tuning on the other {rest}" in logged[0]
+
+
+def test_an_explicit_calibration_count_is_cut_to_whole_batches_and_says_so(monkeypatch, tmp_path):
+    logged = []
+    calibrated, tuned = int8_image_indices(monkeypatch, tmp_path, 10_000, 100, 1_000, logged.append)
+    assert len(set(calibrated)) == 96 and set(calibrated).isdisjoint(tuned) and len(tuned) == 1_000
+    assert logged == ["int8: calibrating on 96 images, whole batches of 32 (--calib-images 100)"]
+
+
 def test_a_split_calibration_takes_whole_is_refused_with_the_fix(monkeypatch, tmp_path):
     with pytest.raises(CSKDError, match=r"300 images, all taken by calibration \(--calib-images 512\).*--tuning-images 0"):
         int8_image_indices(monkeypatch, tmp_path, 300, 512, 1_000, print)
@@ -156,6 +177,7 @@ def test_an_image_count_below_its_least_is_refused_with_the_fix_before_any_work(
     name = flag.split()[0]
     least = 0 if name == "--tuning-images" else 1
     default = getattr(exporter.ExportOptions(), next(iter(kwargs)))
-    with pytest.raises(CSKDError, match=rf"^{flag} is below {least}: .*; pass {name} {default} \(the default\)"):
+    fix = rf"omit {name} \(the default\)" if default is None else rf"pass {name} {default} \(the default\)"
+    with pytest.raises(CSKDError, match=rf"^{flag} is below {least}: .*; {fix}"):
         exporter.export_model(tmp_path / "no-run", exporter.ExportOptions(precision="int8", out=tmp_path / "x", **kwargs))
     assert not (tmp_path / "x").exists()

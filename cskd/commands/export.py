@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--teacher", action="store_true", help="export the teacher the student run distilled from")
     p.add_argument("--no-gate", action="store_true", help="keep the package even when parity fails (recorded in model.json)")
     p.add_argument("--parity-images", type=int, default=500)
-    p.add_argument("--calib-images", type=int, default=512, help="training images for int8 calibration")
+    p.add_argument("--calib-images", type=int, help="training images for int8 calibration "
+                   "(default 512, or half of a training split under 1,024 images)")
     p.add_argument("--tuning-images", type=int, default=1000,
                    help="int8: other training images to choose the calibration and what stays float on (0: the recipe as is)")
     p.add_argument("--data", help="data set for parity and calibration (default: the run's)")
