@@ -91,10 +91,10 @@ def test_missing_or_invalid_config_file(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("name", ["demo", "teacher-demo", "cskd-deit-ti", "cskd-deit-s", "cskd-deit-b"])
+@pytest.mark.parametrize("name", ["demo", "teacher-demo", "cskd-deit-ti", "cskd-deit-s", "cskd-deit-b", "finetune", "finetune-teacher"])
 def test_every_packaged_config_loads_by_name(name, tmp_path):
     paper = ["data.path=" + str(tmp_path), "teacher.checkpoint=" + str(tmp_path / "w.pth")]  # the user supplies these
-    overrides = paper if name.startswith("cskd-deit") else []
+    overrides = paper if name.startswith(("cskd-deit", "finetune")) else []
     cfg = load_config(name, overrides)
     assert cfg.to_dict() == load_config(packaged_config(name), overrides).to_dict()
 
