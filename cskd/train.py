@@ -178,14 +178,29 @@ class Session:
         # No scheduler state: the schedule is a function of the config and the step, rebuilt on resume
         # (timm's load_state_dict would bring back the old run's length and base LR with it).
         return {"epoch": epoch, "best_top1": self.best_top1, "best_epoch": self.best_epoch, "schedule": self.schedule,
+                "layer_decay": self.cfg.train.layer_decay,
                 "model": unwrap(self.model).state_dict(), "optimizer": ctx.optimizer.state_dict(),
                 "scaler": ctx.scaler.state_dict() if ctx.scaler else None,
                 "ema": ctx.ema.state_dict() if ctx.ema is not None else None}
 
+    def _load_optimizer(self, state: Dict[str, Any]) -> None:
+        """The saved optimizer (its moments), with this config's layer-wise rate scales: torch would
+        bring back the saved ones, silently ignoring a train.layer_decay changed on resume."""
+        optimizer, saved, asked = self.ctx.optimizer, state.get("layer_decay"), self.cfg.train.layer_decay
+        if len(state["optimizer"]["param_groups"]) != len(optimizer.param_groups):
+            raise CSKDError(f"this run's optimizer was saved with train.layer_decay={saved}, not {asked} (another set of "
+                            f"parameter groups); resume with train.layer_decay={saved}, or start a new run from this one "
+                            f"with student.init={self.run.path} (teacher.init for a teacher run)")
+        scales = [group.get("lr_scale") for group in optimizer.param_groups]
+        optimizer.load_state_dict(state["optimizer"])
+        for group, scale in zip(optimizer.param_groups, scales):
+            if scale is not None:
+                group["lr_scale"] = scale
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         ctx = self.ctx
         self.model.load_state_dict(state["model"])
-        ctx.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer(state)
         if ctx.scaler is not None and state.get("scaler"):
             ctx.scaler.load_state_dict(state["scaler"])
         if ctx.ema is not None and state.get("ema"):

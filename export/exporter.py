@@ -139,7 +139,8 @@ def _build_context(stage: Path, module: DeployModule, trained: Trained, options:
         # judged against the fp32 model
         split = training_split()
         calibrated = calibration_count(len(split), options, lambda _: None)  # said once, by calibration()
-        count = tuning_count(len(split), calibrated, options.tuning_images, log)
+        # an explicit --calib-images the split cannot hold beside tuning images is refused, not cut
+        count = tuning_count(len(split), options.calib_images or calibrated, options.tuning_images, log)
         images, labels = sample_images(split, count, skip=calibrated)
         inputs = feed(images)
         with torch.inference_mode():
@@ -160,22 +161,23 @@ CALIB_BATCH = 32
 
 
 def calibration_count(available: int, options: ExportOptions, log: Callable[[str], None]) -> int:
-    """How many training images int8 is calibrated on: ``--calib-images`` when given; else 512, or half
-    of a split too small for 512 and the tuning images (a fine-tuning set of a few hundred), the
-    other half left to tune on. Whole batches of 32 only: onnxruntime's calibrator stacks every
+    """How many training images int8 is calibrated on: ``--calib-images`` (at most the split) when
+    given; else 512, or, when images are also tuned on, half of a split under 1,024 (a fine-tuning set
+    of a few hundred), the rest left to tune on. Whole batches of 32 only: onnxruntime's calibrator stacks every
     batch's activations into one array, so a shorter last batch would break it."""
     if options.calib_images is not None:
-        count = options.calib_images
+        count = min(options.calib_images, available)
     elif options.tuning_images == 0 or available >= 2 * DEFAULT_CALIB_IMAGES:
         count = min(DEFAULT_CALIB_IMAGES, available)
     else:
         count = available // 2
     whole = count - count % CALIB_BATCH or count
     if options.calib_images is None and whole < DEFAULT_CALIB_IMAGES:
-        log(f"int8: the training split has {available} images: calibrating on {whole}, tuning on the other "
-            f"{available - whole} (--calib-images sets it)")
-    elif whole != count:
-        log(f"int8: calibrating on {whole} images, whole batches of {CALIB_BATCH} (--calib-images {count})")
+        tuned = min(options.tuning_images, available - whole)
+        log(f"int8: the training split has {available} images: calibrating on {whole}"
+            + (f", tuning on {tuned} others" if tuned else "") + " (--calib-images sets it)")
+    elif whole != options.calib_images and options.calib_images is not None:
+        log(f"int8: calibrating on {whole} images, whole batches of {CALIB_BATCH} (--calib-images {options.calib_images})")
     return whole
 
 

@@ -123,7 +123,8 @@ def int8_image_indices(monkeypatch, tmp_path, split_size: int, calib: int, tunin
     context = exporter._build_context(tmp_path, lambda x: torch.zeros(len(x), 10), trained, options, np.zeros((2, 1, 1, 2)),
                                       feed, tmp_path, log)
     index = lambda batch: (batch[:, 0, 0, 0] + 256 * batch[:, 0, 0, 1]).astype(int).tolist()  # noqa: E731
-    return [i for batch in context.calibration() for i in index(batch)], index(context.tuning().inputs)
+    calibrated = [i for batch in context.calibration() for i in index(batch)]  # first, as the exporter does
+    return calibrated, index(context.tuning().inputs) if tuning else []  # it tunes only when asked to
 
 
 @pytest.mark.parametrize("split_size", [700, 1_300, 10_000])
@@ -149,7 +150,7 @@ def test_by_default_a_small_split_is_halved_between_calibration_and_tuning(monke
     assert len(set(tuned)) == min(1_000, split_size - calibrated_count)
     if split_size < 1_024:
         rest = split_size - calibrated_count
-        assert f"has {split_size} images: calibrating on {calibrated_count}, tuning on the other {rest}" in logged[0]
+        assert f"has {split_size} images: calibrating on {calibrated_count}, tuning on {rest} others" in logged[0]
 
 
 def test_an_explicit_calibration_count_is_cut_to_whole_batches_and_says_so(monkeypatch, tmp_path):
@@ -157,6 +158,8 @@ def test_an_explicit_calibration_count_is_cut_to_whole_batches_and_says_so(monke
     calibrated, tuned = int8_image_indices(monkeypatch, tmp_path, 10_000, 100, 1_000, logged.append)
     assert len(set(calibrated)) == 96 and set(calibrated).isdisjoint(tuned) and len(tuned) == 1_000
     assert logged == ["int8: calibrating on 96 images, whole batches of 32 (--calib-images 100)"]
+    calibrated, _ = int8_image_indices(monkeypatch, tmp_path, 300, 512, 0, print)  # only calibration: the split, cut
+    assert len(set(calibrated)) == 288
 
 
 def test_a_split_calibration_takes_whole_is_refused_with_the_fix(monkeypatch, tmp_path):

@@ -83,3 +83,33 @@ def test_layer_decay_groups_the_teacher_as_timm_groups_the_bare_cnn():
     wrapped = scales(teacher)
     assert wrapped == {f"model.{n}": v for n, v in scales(teacher.model).items()}
     assert wrapped["model.conv1.weight"] < wrapped["model.layer1.0.conv1.weight"] < wrapped["model.fc.weight"] == 1.0
+
+
+def test_layer_decay_reads_a_model_whose_grouping_is_a_function():
+    """timm's Inception models group parameters with a function, not a dict of rules: the wrapper's
+    grouping follows it, and its own parameters outside the model come last, at the full rate."""
+    from timm.optim import create_optimizer_v2
+
+    from cskd.models.factory import prefixed_group_matcher
+
+    class Staged(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.block, self.fc = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+        def group_matcher(self, coarse: bool = False):
+            return lambda name: {"stem": 0, "block": 1}.get(name.split(".")[0], 2)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.head = Staged(), torch.nn.Linear(2, 2)
+
+        def group_matcher(self, coarse: bool = False):
+            return prefixed_group_matcher(self.model, "model", coarse)
+
+    wrapper = Wrapper()
+    optimizer = create_optimizer_v2(wrapper, opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    by_id = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
+    scale = {n: by_id[id(p)] for n, p in wrapper.named_parameters()}
+    assert [scale[f"{m}.weight"] for m in ("model.stem", "model.block", "model.fc", "head")] == [0.125, 0.25, 0.5, 1.0]

@@ -145,7 +145,8 @@ def test_a_run_started_from_another_run_says_what_it_loaded_and_exports_as_any_r
 def test_layer_decay_slows_the_lower_layers_and_logs_the_schedules_rate(tmp_path):
     """train.layer_decay reaches the optimizer: the logged rate is the schedule's (the heads'), as
     without it; the stem (decay^(depth+1) = 1/4 of the rate at depth 1 and decay 0.5) moves about a
-    quarter as far from the same start (Adam's steps scale with the rate), the head about as far."""
+    quarter as far from the same start (Adam's steps scale with the rate), the head about as far.
+    A resume keeps the saved moments under the resumed config's decay."""
     start = {"train.epochs": 1, "student.kwargs": "{embed_dim: 32, depth: 1, num_heads: 2}"}
     plain, decayed = run(tmp_path, "plain", **start), run(tmp_path, "decayed", **start, **{"train.layer_decay": 0.5})
     assert [r["lr"] for r in RunDir(decayed.run_dir).metrics()] == [r["lr"] for r in RunDir(plain.run_dir).metrics()]
@@ -157,6 +158,16 @@ def test_layer_decay_slows_the_lower_layers_and_logs_the_schedules_rate(tmp_path
 
     assert moved("decayed", "pos_embed") < 0.5 * moved("plain", "pos_embed")
     assert 0.5 < moved("decayed", "head.weight") / moved("plain", "head.weight") < 2
+
+    # a resume takes the saved moments with this config's scales; a resume that changes the groups is refused
+    from cskd.train import build_session
+
+    cpu = DistEnv(0, 1, 0, torch.device("cpu"))
+    resumed = build_session(load_config(decayed.run_dir / "config.yaml", ["train.epochs=2", "train.layer_decay=0.25"]), cpu, True)
+    stem = next(g for g in resumed.ctx.optimizer.param_groups if any(p is resumed.model.vit.pos_embed for p in g["params"]))
+    assert stem["lr_scale"] == pytest.approx(0.25 ** 2) and resumed.ctx.optimizer.state  # depth 1: decay^(1+1)
+    with pytest.raises(CSKDError, match=r"saved with train.layer_decay=0.5, not None.*resume with train.layer_decay=0.5"):
+        build_session(load_config(decayed.run_dir / "config.yaml", ["train.epochs=2", "train.layer_decay=null"]), cpu, True)
 
 
 @pytest.mark.slow

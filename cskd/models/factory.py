@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Callable, Tuple
 
 import timm
 import torch.nn as nn
@@ -28,14 +28,19 @@ def create_timm_model(name: str, role: str, **kwargs: Any) -> nn.Module:
         raise CSKDError(f"cannot build {role} model {name!r} with {kwargs}: {exc}; remove that option") from None
 
 
-def prefixed_group_matcher(inner: nn.Module, prefix: str, coarse: bool = False) -> Dict[str, Any]:
-    """``inner``'s timm parameter groups (stem, blocks...) as seen from a wrapper holding it as ``prefix``:
-    what timm's layer-wise LR decay reads. Parameters no rule matches (a wrapper's heads) keep the full rate."""
+def prefixed_group_matcher(inner: nn.Module, prefix: str, coarse: bool = False) -> Callable[[str], Tuple[float, ...]]:
+    """``inner``'s timm parameter groups (stem, blocks...) for a wrapper holding it as ``prefix``: what
+    timm's layer-wise LR decay reads. timm groups the inner parameter names by their own matcher (a
+    dict of rules or a function, whatever the model gives); the wrapper's parameters outside
+    ``inner`` (its heads) come last, at the full rate, as timm places unmatched layers."""
+    from timm.models import group_parameters
+
     if not hasattr(inner, "group_matcher"):
         raise CSKDError(f"{type(inner).__name__} has no timm layer grouping; drop train.layer_decay for this model")
+    layers = group_parameters(inner, inner.group_matcher(coarse), reverse=True)  # inner name -> layer index
 
-    def prefixed(pattern: str) -> str:
-        return rf"^{prefix}\.(?:{pattern.lstrip('^')})"
+    def layer_of(name: str) -> Tuple[float, ...]:
+        inner_name = name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
+        return (float(layers[inner_name]),) if inner_name in layers else (float("inf"),)
 
-    return {group: prefixed(rule) if isinstance(rule, str) else [(prefixed(p), order) for p, order in rule]
-            for group, rule in inner.group_matcher(coarse).items()}
+    return layer_of

@@ -73,7 +73,7 @@ class DistilledStudent(nn.Module):
         return {f"vit.{name}" for name in self.vit.no_weight_decay()}
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
+    def group_matcher(self, coarse: bool = False):
         return prefixed_group_matcher(self.vit, "vit", coarse)  # train.layer_decay
 
     def forward_heads(self, x: torch.Tensor) -> StudentOutput:

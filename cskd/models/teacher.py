@@ -40,7 +40,7 @@ class DenseTeacher(nn.Module):
         return int(self.model.num_classes)
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
+    def group_matcher(self, coarse: bool = False):
         return prefixed_group_matcher(self.model, "model", coarse)  # train.layer_decay
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
