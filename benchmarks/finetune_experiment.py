@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
+from experiment import cskd, last_metrics, slug  # benchmarks/experiment.py: the same `cskd` subprocess and run reading
 
 PRETRAIN_CLASSES, FEWLABEL_CLASSES = range(0, 5), range(5, 10)
 # the packaged fine-tuning recipes at the demo's model sizes: the demo student and teacher at 32 px, and
@@ -84,14 +83,8 @@ def write_folders(data_path: str, out: Path, per_class: int, seed: int) -> None:
     (out / "folders.json").write_text(json.dumps({"per_class": per_class, "seed": seed}) + "\n")
 
 
-def cskd(command: str, args: List[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cskd", command, "--no-progress", *args],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
 def done(run: Path, epochs: int) -> bool:
-    metrics = run / "metrics.jsonl"
-    return metrics.exists() and json.loads(metrics.read_text().splitlines()[-1])["epoch"] == epochs
+    return (run / "metrics.jsonl").exists() and last_metrics(run)["epoch"] == epochs
 
 
 def run_all(jobs: List[tuple], parallel: int) -> None:
@@ -114,10 +107,6 @@ def run_all(jobs: List[tuple], parallel: int) -> None:
                 raise SystemExit(f"{name} failed; see {run.with_suffix('.log')}")
             run.with_suffix(".wall_s").write_text(f"{time.time() - started:.0f}\n")
             print(f"  {name}: done in {time.time() - started:.0f} s", flush=True)
-
-
-def last(run: Path) -> Dict:
-    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
 
 
 def full_val(run: Path) -> Dict[str, float]:
@@ -206,7 +195,7 @@ def label(arm: str, epochs: int) -> str:
 
 
 def run_name(arm: str, epochs: int, seed: int) -> str:
-    return "student-" + "".join(c if c.isalnum() else "-" for c in arm).strip("-") + f"-e{epochs}-seed{seed}"
+    return f"student-{slug(arm).replace('_', '-')}-e{epochs}-seed{seed}"
 
 
 def main() -> None:
