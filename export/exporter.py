@@ -176,8 +176,9 @@ def calibration_count(available: int, options: ExportOptions, log: Callable[[str
         tuned = min(options.tuning_images, available - whole)
         log(f"int8: the training split has {available} images: calibrating on {whole}"
             + (f", tuning on {tuned} others" if tuned else "") + " (--calib-images sets it)")
-    elif whole != options.calib_images and options.calib_images is not None:
-        log(f"int8: calibrating on {whole} images, whole batches of {CALIB_BATCH} (--calib-images {options.calib_images})")
+    elif options.calib_images is not None and whole != options.calib_images:
+        held = f", the split holds {available}" if options.calib_images > available else ""
+        log(f"int8: calibrating on {whole} images, whole batches of {CALIB_BATCH} (--calib-images {options.calib_images}{held})")
     return whole
 
 
