@@ -32,7 +32,7 @@ from cskd.checkpoint import ModelSpec, read_spec, resolve_checkpoint
 from cskd.config import Config
 from cskd.data.datasets import DatasetInfo, build_dataset, fingerprint
 from cskd.data.mixing import MixRecord
-from cskd.data.transfer import training_images
+from cskd.data.transfer import left_out_line, training_images
 from cskd.data.transforms import normalize, whole_image_transform
 from cskd.distributed import barrier, init_distributed, shutdown
 from cskd.errors import CSKDError
@@ -205,14 +205,15 @@ def cache_teacher(cfg: Config, out: Path, topk: Optional[int] = None, shard_size
     env = init_distributed(device)
     try:
         out = Path(out)
-        _, info = build_dataset(cfg.data.name, "val", cfg.data.path, cfg.data.channels)
+        validation, info = build_dataset(cfg.data.name, "val", cfg.data.path, cfg.data.channels)
         topk = storage_topk(info.num_classes, topk)  # before the teacher loads: what cannot be stored is refused now
         if cfg.data.interpolation == "random":  # timm's training crop draws one per image; a cache resizes once
             raise CSKDError("a teacher cache resizes every image once, so it needs one interpolation, not "
                             "data.interpolation=random; cache and train with data.interpolation=bicubic (or bilinear)")
         transform = whole_image_transform(cfg.student.img_size, info.channels, cfg.data.interpolation)
         split, _ = build_dataset(cfg.data.name, "train", cfg.data.path, cfg.data.channels, transform)
-        dataset = training_images(split, cfg.data.unlabeled, info.channels, transform)  # the split, then any transfer set
+        # the split, then any transfer set (less its images equal to labelled or validation ones, as training leaves out)
+        dataset = training_images(split, cfg.data.unlabeled, info.channels, transform, validation)
         teacher = load_teacher(cfg, info, env.device)
         manifest = _new_manifest(cfg, info, dataset, teacher, topk, shard_size)
         if env.is_main:
@@ -230,6 +231,9 @@ def cache_teacher(cfg: Config, out: Path, topk: Optional[int] = None, shard_size
             print(f"teacher cache {out}: {manifest.count} images, grid {manifest.grid[0]}x{manifest.grid[1]}, "
                   f"{'all' if manifest.topk is None else f'top-{manifest.topk} of'} {manifest.num_classes} classes "
                   f"({done} computed now)")
+            left_out = left_out_line(dataset)
+            if left_out:
+                print(f"  {left_out}")
         return manifest
     finally:
         shutdown(env)

@@ -30,7 +30,7 @@ from cskd.config import Config
 from cskd.data.datasets import DatasetInfo, build_dataset
 from cskd.data.mixing import build_mixup
 from cskd.data.samples import Indexed, limit
-from cskd.data.transfer import MixedBatchSampler, training_images
+from cskd.data.transfer import MixedBatchSampler, left_out_line, training_images
 from cskd.data.transforms import eval_transform, train_transform
 from cskd.distributed import DistEnv, barrier, init_distributed, shutdown
 from cskd.engine import Normalization, StepContext, amp_dtype, current_lr, evaluate, train_one_epoch
@@ -72,15 +72,16 @@ class Loaders:
     labelled_images: int
     transfer_images: int = 0
     transfer_batch: int = 0  # transfer images per step
+    left_out: str = ""  # what the transfer set left out (images equal to labelled or validation ones), as a line
 
 
 def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
     d = cfg.data
-    _, info = build_dataset(d.name, "val", d.path, d.channels)
+    val_split, info = build_dataset(d.name, "val", d.path, d.channels)
     train_tf = train_transform(img_size, info.channels, d.auto_augment, d.scale, d.hflip, d.reprob, d.interpolation,
                                d.color_jitter, d.re_mode)
     train_split = build_dataset(d.name, "train", d.path, d.channels, train_tf)[0]
-    cached = training_images(train_split, d.unlabeled, info.channels, train_tf)
+    cached = training_images(train_split, d.unlabeled, info.channels, train_tf, val_split)
     train_set = limit(Indexed(train_split), d.max_train)  # indices stay those of the whole split
     val_tf = eval_transform(img_size, info.channels, d.interpolation, d.eval_crop_pct)
     val_set = limit(build_dataset(d.name, "val", d.path, d.channels, val_tf)[0], d.max_val)
@@ -104,7 +105,8 @@ def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
                                 env.rank, env.world_size, cfg.train.seed)
     mixed = ConcatDataset([train_set, Indexed(transfer, offset=len(train_split))])  # cache rows follow the split's
     train_loader = DataLoader(mixed, batch_sampler=batches, **common)
-    return Loaders(train_loader, val_loader, info, cached, batches, len(train_set), len(transfer), transfer_batch)
+    return Loaders(train_loader, val_loader, info, cached, batches, len(train_set), len(transfer), transfer_batch,
+                   left_out_line(cached))
 
 
 def train_sampler(train_set: Dataset, cfg: Config, env: DistEnv) -> Sampler:
@@ -302,6 +304,8 @@ class MainProcess(Quiet):
                     if loaders.transfer_images else "")
         print(f"cskd train: {session.task.name} {session.spec.model} ({kd}) on {cfg.data.name} "
               f"[{loaders.labelled_images} images, {info.num_classes} classes{transfer}]")
+        if loaders.left_out:
+            print(f"  {loaders.left_out}")
         print(f"  device {session.env.device} x{session.env.world_size}, {session.steps_per_epoch} steps/epoch, "
               f"lr {scaled_lr(cfg, session.env.world_size):.2e}, run dir {run.path}"
               + (f", resuming at epoch {session.start_epoch + 1}" if resume else ""))

@@ -3,15 +3,17 @@ images, and how its stream of images depends only on the seed and the epoch."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 from torch.utils.data import ConcatDataset
 
-from cskd.data.datasets import ArrayImageDataset, fingerprint
-from cskd.data.transfer import UNLABELED, MixedBatchSampler, TransferStream, build_transfer_set, training_images
+from cskd.data.datasets import ArrayImageDataset, build_dataset, fingerprint
+from cskd.data.transfer import UNLABELED, LeftOut, MixedBatchSampler, TransferStream, build_transfer_set, training_images
 from cskd.errors import CSKDError
-from tests.conftest import random_images, write_idx_images
+from tests.conftest import random_images, write_idx_images, write_imagefolder
 
 
 def test_an_idx_folder_gives_its_images_without_labels_and_never_reads_a_labels_file(tmp_path):
@@ -24,13 +26,55 @@ def test_an_idx_folder_gives_its_images_without_labels_and_never_reads_a_labels_
     assert label == UNLABELED and np.array_equal(np.asarray(image), images[3])
 
 
-def test_images_already_labelled_are_left_out_of_the_transfer_set(tmp_path):
+def test_images_already_labelled_or_validation_images_are_left_out_of_an_idx_transfer_set(tmp_path):
     """The demo's case: the labelled images are a subset of the full training split named as transfer set."""
     everything = random_images(8)
     labelled = ArrayImageDataset(everything[[1, 4, 6]], np.array([0, 1, 2]))
+    validation = ArrayImageDataset(everything[[2, 4]], np.array([0, 1]))  # image 4 is both: counted as labelled
     write_idx_images(tmp_path / "images-idx3-ubyte", everything)
-    transfer = build_transfer_set(str(tmp_path / "images-idx3-ubyte"), channels=1, labelled=labelled)
-    assert np.array_equal(transfer.images, everything[[0, 2, 3, 5, 7]])
+    transfer = build_transfer_set(str(tmp_path / "images-idx3-ubyte"), channels=1, labelled=labelled, validation=validation)
+    assert np.array_equal(transfer.images, everything[[0, 3, 5, 7]])
+    assert transfer.left_out == LeftOut(str(tmp_path / "images-idx3-ubyte"), labelled=3, validation=1)
+
+
+def _save(pixels: np.ndarray, path, mode: str = "L") -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels, mode="L")
+    (image.convert(mode) if mode != "L" else image).save(path)
+    return path.name
+
+
+def test_a_folder_transfer_set_at_the_image_folders_own_root_holds_only_its_other_images(tmp_path):
+    """The issue's case: data.unlabeled at the root of the labelled image folder. Equal means equal
+    pixels as the run decodes them: a BMP copy of a validation PNG and an RGB copy of a labelled gray
+    image (R = G = B, so the same gray levels) are left out; a copy with one pixel changed is not."""
+    write_imagefolder(tmp_path, [(32, 32), (28, 20)])  # 10 labelled images, 10 validation images
+    labelled, _ = build_dataset("imagefolder", "train", str(tmp_path), channels=1)
+    validation, _ = build_dataset("imagefolder", "val", str(tmp_path), channels=1)
+    first_labelled = np.asarray(Image.open(labelled.samples[0][0]))
+    first_validation = np.asarray(Image.open(validation.samples[3][0]))
+    changed = first_validation.copy()
+    changed[0, 0] ^= 1
+    others = [_save(random_images(1, seed=s)[0], tmp_path / "more" / f"new{s}.png") for s in range(3)]
+    _save(first_validation, tmp_path / "more" / "copy.bmp")
+    _save(first_labelled, tmp_path / "more" / "copy-rgb.png", mode="RGB")
+    others.append(_save(changed, tmp_path / "more" / "changed.png"))
+    transfer = build_transfer_set(str(tmp_path), channels=1, labelled=labelled, validation=validation)
+    assert sorted(Path(path).name for path, _ in transfer.samples) == sorted(others)
+    assert transfer.left_out == LeftOut(str(tmp_path), labelled=10 + 1, validation=10 + 1)
+    assert transfer.left_out.line().startswith(f"left out 11 images of data.unlabeled={tmp_path} equal to labelled "
+                                               "training images and 11 equal to validation images")
+
+
+def test_a_folder_transfer_set_leaves_out_the_images_of_array_data(tmp_path):
+    """Labelled and validation images held as arrays (the demo, IDX data) against PNG files of them."""
+    images = random_images(6, seed=4)
+    labelled = ArrayImageDataset(images[:3], np.arange(3))
+    validation = ArrayImageDataset(images[3:5], np.arange(2))
+    names = [_save(image, tmp_path / f"{i}.png") for i, image in enumerate(images)]
+    transfer = build_transfer_set(str(tmp_path), channels=1, labelled=labelled, validation=validation)
+    assert [Path(path).name for path, _ in transfer.samples] == [names[5]]
+    assert (transfer.left_out.labelled, transfer.left_out.validation) == (3, 2)
 
 
 def test_a_folder_of_images_at_any_depth_is_a_transfer_set_in_the_labelled_datas_mode(tmp_path):
@@ -49,7 +93,8 @@ def test_a_folder_of_images_at_any_depth_is_a_transfer_set_in_the_labelled_datas
 def test_a_transfer_set_of_only_labelled_images_says_so():
     images = random_images(4)
     labelled = ArrayImageDataset(images, np.arange(4))
-    with pytest.raises(CSKDError, match="all 4 images of data.unlabeled=.* are in the labelled training split"):
+    with pytest.raises(CSKDError, match=r"all 4 images of data.unlabeled=.* are labelled training or validation images "
+                                        r"\(4 labelled, 0 validation"):
         build_transfer_set_of(images, labelled)
 
 

@@ -162,3 +162,26 @@ def test_a_transfer_batchs_cached_targets_equal_the_online_teachers(tmp_path, mi
     scale = online_dense.abs().max()
     assert (cached_dense - online_dense).abs().max() < 2e-3 * scale
     assert (cached_global - online_global).abs().max() < 2e-3 * scale
+
+
+def test_a_cache_and_a_run_leave_the_same_labelled_and_validation_images_out_of_a_folder_transfer_set(tmp_path, micro_teacher,
+                                                                                                       capsys):
+    """The issue's case end to end: data.unlabeled at the image folder's own root, which holds the 10
+    labelled and 10 validation images and 2 others. The cache and the run both keep the 2 only, say
+    what they left out, and the run takes the cache (same rows, same fingerprint)."""
+    write_imagefolder(tmp_path / "data", [(32, 32)])
+    rng = np.random.default_rng(5)
+    for i in range(2):
+        (tmp_path / "data" / "more").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), mode="L").save(tmp_path / "data" / "more" / f"{i}.png")
+    cfg = load_config(None, ["data.name=imagefolder", f"data.path={tmp_path / 'data'}", "data.channels=1", "data.workers=0",
+                             f"data.unlabeled={tmp_path / 'data'}", "train.batch_size=4", f"teacher.cache={tmp_path / 'cache'}",
+                             *micro_teacher])
+    said = (f"left out 10 images of data.unlabeled={tmp_path / 'data'} equal to labelled training images and 10 equal to "
+            "validation images")
+    assert cache_teacher(cfg, tmp_path / "cache", show_progress=False).count == 10 + 2
+    assert said in capsys.readouterr().out
+    cpu = torch.device("cpu")
+    loaders = build_loaders(cfg, DistEnv(0, 1, 0, cpu), 32)
+    assert (loaders.labelled_images, loaders.transfer_images) == (10, 2) and loaders.left_out.startswith(said)
+    build_teacher_targets(cfg, loaders.info, loaders.train_split, cpu)  # refused if the rows were not the cache's

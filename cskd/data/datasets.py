@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -67,15 +68,20 @@ def pil_mode(channels: int) -> str:
     return "L" if channels == 1 else "RGB"
 
 
+def read_image(path: str, mode: str) -> Image.Image:
+    """The image file ``path`` decoded in PIL ``mode``: how every data set of image files reads one."""
+    with Image.open(path) as image:
+        return image.convert(mode)
+
+
 def _image_folder(root: Path, split: str, channels: int, transform: Optional[Callable]) -> Dataset:
     from torchvision.datasets import ImageFolder
 
     folder = root / split
     if not folder.is_dir():
         raise CSKDError(f"{folder} does not exist; an imagefolder root needs train/<class>/*.jpg and val/<class>/*.jpg")
-    mode = pil_mode(channels)
     try:
-        return ImageFolder(str(folder), transform=transform, loader=lambda p: Image.open(p).convert(mode))
+        return ImageFolder(str(folder), transform=transform, loader=partial(read_image, mode=pil_mode(channels)))
     except (FileNotFoundError, RuntimeError) as exc:
         raise CSKDError(f"{folder}: {exc}; put images in one sub-folder per class") from None
 
