@@ -123,6 +123,52 @@ def test_weights_of_another_width_are_refused_with_what_mismatched(tmp_path):
         start(tmp_path / "wide.safetensors")
 
 
+def shaped_spec(**kwargs) -> ModelSpec:
+    """The student spec with other timm options (``SMALL`` changed by ``kwargs``)."""
+    return replace(student_spec(), kwargs=dict(SMALL, **kwargs))
+
+
+@pytest.mark.parametrize("source_depth, model_depth", [(1, 2), (3, 1)])
+@pytest.mark.parametrize("plain", [False, True], ids=["cskd-run", "plain-weights"])
+def test_weights_of_another_depth_are_refused_naming_both_depths(tmp_path, source_depth, model_depth, plain):
+    """A shallower run into a deeper model (the extra blocks would start random) and a deeper one into
+    a shallower model (blocks dropped): every tensor that exists fits, so shapes alone let both through."""
+    torch.manual_seed(4)
+    source = get_task("student").build(shaped_spec(depth=source_depth)).vit.state_dict()
+    if plain:  # no spec: the depth comes from the blocks.N. keys
+        save_file({k: v.contiguous() for k, v in source.items()}, tmp_path / "w.safetensors")
+    else:
+        save_weights(tmp_path / "w.safetensors", source, shaped_spec(depth=source_depth))
+    expected = (f"is another architecture than this model, depth: blocks has {source_depth} blocks in the weights, "
+                f"{model_depth} in the model")
+    with pytest.raises(CSKDError, match=expected + ".*student.kwargs: depth, num_heads"):
+        start(tmp_path / "w.safetensors", shaped_spec(depth=model_depth))
+
+
+def test_a_cskd_run_of_another_head_count_is_refused_though_every_shape_fits(tmp_path):
+    """num_heads=2 into num_heads=4 at the same width: the same tensors, split into other heads."""
+    torch.manual_seed(5)
+    source = get_task("student").build(shaped_spec(depth=2, num_heads=2)).vit.state_dict()
+    save_weights(tmp_path / "run" / "best.safetensors", source, shaped_spec(depth=2, num_heads=2))
+    with pytest.raises(CSKDError, match=r"num_heads: 2 in the weights, 4 in the model \(blocks.0.attn and 1 more attention modules\)"):
+        start(tmp_path / "run", shaped_spec(depth=2, num_heads=4))
+    model, report = start(tmp_path / "run", shaped_spec(depth=2, num_heads=2))  # the same heads load
+    assert all(same(model.vit.state_dict()[k], v) for k, v in source.items()) and not report.new
+
+
+def test_layer_scale_keys_that_timm_renames_still_load(tmp_path):
+    """DeiT III checkpoints name layer scale blocks.N.gamma_1; timm's filter renames it ls1.gamma."""
+    torch.manual_seed(6)
+    spec = shaped_spec(init_values=0.1)
+    source = get_task("student").build(spec).vit.state_dict()
+    renamed = {k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): v.contiguous() for k, v in source.items()}
+    renamed.update({k: torch.rand_like(v) for k, v in renamed.items() if "gamma" in k})  # trained: not the init value
+    assert "blocks.0.gamma_1" in renamed
+    save_file(renamed, tmp_path / "deit3.safetensors")
+    model, report = start(tmp_path / "deit3.safetensors", spec)
+    assert same(model.vit.blocks[0].ls1.gamma, renamed["blocks.0.gamma_1"]) and not report.new
+
+
 @pytest.mark.parametrize("reference, message", [
     ("/no/such/weights.safetensors", "does not exist; pass a weights file"),
     ("timm:deit_tiny_distilled_patch16_224.no_such_tag", "is not a timm pretrained tag"),

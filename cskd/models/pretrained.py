@@ -13,21 +13,25 @@ checkpoint filter (position embeddings resampled to the new patch grid, patch em
 a new patch size), the input convolution adapted to another channel count, the classifiers dropped
 for another class count. Before that, a checkpoint without a distillation token (a plain ViT/DeiT)
 gets one for a distilled student: the token, its position and the distillation head copied from the
-class token's. :class:`InitReport` says what was loaded, adapted, newly initialised and ignored; a
-tensor that fits no adaptation (another width or depth) is refused with the mismatches.
+class token's. :class:`InitReport` says what was loaded, adapted, newly initialised and ignored.
+Weights of another architecture are refused, naming what differs: a tensor that fits no adaptation
+(another width), another depth (numbered blocks: ``blocks.N.``, ``layer1.N.``...) or another head
+count (attention weights split into other heads mean something else; known from a cskd run's spec or
+a timm tag's model, not from a plain state dict, whose shapes do not show it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from cskd.checkpoint import read_spec, read_state_dict, resolve_checkpoint
+from cskd.checkpoint import ModelSpec, read_spec, read_state_dict, resolve_checkpoint
 from cskd.errors import CSKDError
+from cskd.models.factory import create_timm_model
 
 TIMM_PREFIX = "timm:"
 # What timm's loading adapts when shapes differ: position embeddings and patch/input convolutions.
@@ -44,6 +48,7 @@ class PretrainedWeights:
     in_chans: Optional[int]
     class_names: Optional[List[str]] = None  # a cskd run's classes; None: unknown
     other_classes: bool = False  # as many classes as the run's, but others: the heads were dropped
+    num_heads: Optional[Dict[str, int]] = None  # attention module -> heads (cskd spec, timm tag); None: unknown
 
 
 @dataclass
@@ -82,7 +87,7 @@ def read_pretrained(reference: str, role: str, first_conv: Optional[str], classi
             raise CSKDError(f"{role}.init={reference} holds a cskd {spec.role} ({spec.model}); a {role} starts from a "
                             f"{role}'s weights: pass a {role} run, a weights file or timm:TAG")
         return PretrainedWeights(f"{path} (cskd {spec.role}, {spec.model})", state_dict, spec.num_classes, spec.in_chans,
-                                 list(spec.class_names) or None)
+                                 list(spec.class_names) or None, num_heads=_spec_heads(spec))
     return PretrainedWeights(str(path), state_dict, _classes_of(state_dict, classifiers), _channels_of(state_dict, first_conv))
 
 
@@ -99,7 +104,55 @@ def _from_timm(tag: str, role: str) -> PretrainedWeights:
         raise CSKDError(f"cannot fetch timm's {tag} weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                         "on an offline machine download its model.safetensors elsewhere and pass the file") from None
     cfg = source.pretrained_cfg
-    return PretrainedWeights(f"timm:{tag}", source.state_dict(), source.num_classes or None, cfg.get("input_size", (3,))[0])
+    return PretrainedWeights(f"timm:{tag}", source.state_dict(), source.num_classes or None, cfg.get("input_size", (3,))[0],
+                             num_heads=attention_heads(source))
+
+
+def attention_heads(model: nn.Module) -> Dict[str, int]:
+    """The head count of each attention module (timm's ``num_heads``), by module name."""
+    return {name: m.num_heads for name, m in model.named_modules() if isinstance(getattr(m, "num_heads", None), int)}
+
+
+def _spec_heads(spec: ModelSpec) -> Optional[Dict[str, int]]:
+    """The attention heads of the network a cskd spec describes, from a build on the meta device (no
+    memory, no init cost); None when timm cannot build it here (its heads stay unchecked)."""
+    sizes = {"img_size": spec.img_size, **({"patch_size": spec.patch_size} if spec.patch_size else {})}
+    try:
+        with torch.device("meta"):
+            model = create_timm_model(spec.model, spec.role, num_classes=spec.num_classes, in_chans=spec.in_chans,
+                                      **{**sizes, **spec.kwargs})
+    except CSKDError:  # an architecture this timm does not have, or options it does not take
+        return None
+    return attention_heads(model)
+
+
+def block_counts(keys: Iterable[str]) -> Dict[str, int]:
+    """How many numbered children each container in state-dict ``keys`` has: the depth of every
+    stack of blocks (``{"blocks": 12}`` for a ViT, ``{"layer1": 2, ...}`` for a ResNet)."""
+    indices: Dict[str, set] = {}
+    for key in keys:
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part.isdigit() and i > 0:
+                indices.setdefault(".".join(parts[:i]), set()).add(int(part))
+    return {container: len(found) for container, found in indices.items()}
+
+
+def architecture_differences(weights: PretrainedWeights, model: nn.Module) -> List[str]:
+    """What makes ``weights`` another architecture than ``model`` beyond tensor shapes: the depth of
+    a stack of blocks both have, or the head count of an attention module both have."""
+    given, own = block_counts(weights.state_dict), block_counts(model.state_dict())
+    differences = [f"depth: {name} has {given[name]} blocks in the weights, {own[name]} in the model"
+                   for name in own if name in given and given[name] != own[name]]
+    given_heads, heads = weights.num_heads or {}, attention_heads(model)
+    pairs: Dict[Tuple[int, int], List[str]] = {}  # (weights', model's) -> the attention modules that differ so
+    for name in heads:
+        if name in given_heads and given_heads[name] != heads[name]:
+            pairs.setdefault((given_heads[name], heads[name]), []).append(name)
+    differences += [f"num_heads: {given} in the weights, {count} in the model ({names[0]}"
+                    + (f" and {len(names) - 1} more attention modules)" if len(names) > 1 else ")")
+                    for (given, count), names in pairs.items()]
+    return differences
 
 
 def _classes_of(state_dict: Dict[str, torch.Tensor], classifiers: Tuple[str, ...]) -> Optional[int]:
@@ -150,8 +203,16 @@ def head_keys(classifiers: Tuple[str, ...]) -> set:
     return {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")}
 
 
-def check_fits(weights: PretrainedWeights, model: nn.Module, classifiers: Tuple[str, ...], first_conv: Optional[str]) -> None:
-    """Refuse weights with a tensor of another shape that no adaptation changes (another width, depth...)."""
+def check_fits(weights: PretrainedWeights, model: nn.Module, classifiers: Tuple[str, ...], first_conv: Optional[str],
+               role: str) -> None:
+    """Refuse weights of another depth or head count, or with a tensor of another shape that no
+    adaptation changes (another width)."""
+    differences = architecture_differences(weights, model)
+    if differences:
+        shown = "; ".join(differences[:2]) + (f"; and {len(differences) - 2} more" if len(differences) > 2 else "")
+        raise CSKDError(f"{weights.name} is another architecture than this model, {shown}; start from weights of the "
+                        f"same depth and heads, or build the model as the weights were trained ({role}.model, "
+                        f"{role}.kwargs: depth, num_heads)")
     own = model.state_dict()
     adaptable = {*ADAPTABLE, *([f"{first_conv}.weight"] if first_conv else [])}
     heads = head_keys(classifiers)
@@ -229,7 +290,7 @@ def build_initialised(build: Callable[[Dict[str, Any]], nn.Module], network: Cal
     derived: List[str] = []
     if distilled:
         weights.state_dict, derived = add_distillation_token(weights.state_dict)
-    check_fits(weights, fresh, classifiers, first_conv)
+    check_fits(weights, fresh, classifiers, first_conv, role)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
