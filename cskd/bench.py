@@ -156,7 +156,7 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
     if any(e.package.batch_limit(largest) < largest for e in entries):
         raise CSKDError(f"batch size {largest} exceeds an engine's batch limit (--max-batch at export); re-export or lower it")
     first = entries[0].package  # real validation images of the data set the models were trained on
-    model_input = ModelInput(first.input.channels, first.input.size, len(first.classes))
+    model_input = ModelInput(first.input.channels, first.input.size, len(first.classes), tuple(first.classes))
     if options.eval_images > 0:
         images, labels = real_images(Path(first.source.get("checkpoint", ".")), model_input, "val", options.eval_images,
                                      options.data, options.data_path)

@@ -10,7 +10,8 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from cskd.checkpoint import ModelSpec, resolve_checkpoint
-from cskd.data.datasets import build_dataset
+from cskd.config import DataConfig
+from cskd.data.datasets import FASHION_MNIST_CLASSES, build_dataset
 from cskd.data.samples import sample_images
 from cskd.data.transforms import eval_transform
 from cskd.distributed import DistEnv, pick_device
@@ -31,18 +32,28 @@ class ModelInput:
     channels: int
     size: int
     num_classes: int
+    class_names: Tuple[str, ...] = ()  # empty: not recorded
 
     @classmethod
     def of_spec(cls, spec: ModelSpec) -> "ModelInput":
-        return cls(spec.in_chans, spec.img_size, spec.num_classes)
+        return cls(spec.in_chans, spec.img_size, spec.num_classes, tuple(spec.class_names))
 
 
 def evaluation_dataset(checkpoint: Path, model: ModelInput, split: str, data_name: Optional[str] = None,
-                       data_path: Optional[str] = None) -> Tuple[Dataset, str]:
-    """``(dataset, name)``: a split of the data set ``checkpoint``'s run trained on (or the one named),
-    with the eval transform at the model's size and channels; its classes must match the model's."""
-    run = RunDir.of_checkpoint(checkpoint)
-    defaults = run.data_config() if run is not None else None
+                       data_path: Optional[str] = None, trained_on: Optional[DataConfig] = None) -> Tuple[Dataset, str]:
+    """``(dataset, name)``: a split of the data set the model was trained on (or the one named), with
+    the eval transform at the model's size and channels; its classes must match the model's.
+
+    What the model was trained on is ``trained_on`` (the data config of the run it belongs to: a
+    teacher exported from its student's run), else the config of the run directory holding
+    ``checkpoint``; a checkpoint outside any run is taken to be the embedded demo's only when its
+    classes are the demo's (the packaged teacher), else the data set must be named.
+    """
+    run = RunDir.of_checkpoint(checkpoint) if trained_on is None else None
+    defaults = trained_on or (run.data_config() if run is not None else None)
+    if defaults is None and data_name is None and model.class_names and list(model.class_names) != FASHION_MNIST_CLASSES:
+        raise CSKDError(f"{checkpoint} is not in a run directory, so the data it was trained on is unknown (its classes: "
+                        f"{', '.join(model.class_names[:3])}, ...); name it with --data NAME (and --data-path PATH)")
     name = data_name or (defaults.name if defaults else DEMO_DATA)
     same_data = defaults is not None and name == defaults.name
     path = data_path or (defaults.path if same_data else None)
@@ -52,14 +63,17 @@ def evaluation_dataset(checkpoint: Path, model: ModelInput, split: str, data_nam
     if info.num_classes != model.num_classes:
         raise CSKDError(f"{checkpoint} predicts {model.num_classes} classes but {name} has {info.num_classes}; "
                         "use the data set it was trained on (--data)")
+    if model.class_names and list(model.class_names) != info.class_names:
+        raise CSKDError(f"{checkpoint} predicts the classes {', '.join(model.class_names[:3])}, ... but {name} has "
+                        f"{', '.join(info.class_names[:3])}, ...; use the data set it was trained on (--data, --data-path)")
     return dataset, name
 
 
 def real_images(checkpoint: Path, model: ModelInput, split: str, count: int, data: Optional[str] = None,
-                data_path: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """``count`` images of the run's data set as uint8 ``[N, C, H, W]`` at the model's size, with
-    labels (the first of :func:`~cskd.data.samples.sample_order`)."""
-    return sample_images(evaluation_dataset(checkpoint, model, split, data, data_path)[0], count)
+                data_path: Optional[str] = None, trained_on: Optional[DataConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """``count`` images of the model's data set (see :func:`evaluation_dataset`) as uint8 ``[N, C, H, W]``
+    at the model's size, with labels (the first of :func:`~cskd.data.samples.sample_order`)."""
+    return sample_images(evaluation_dataset(checkpoint, model, split, data, data_path, trained_on)[0], count)
 
 
 def run_eval(

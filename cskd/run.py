@@ -106,13 +106,6 @@ class RunDir:
     def data_config(self) -> Optional[DataConfig]:
         return self.config().data if (self.path / self.CONFIG).is_file() else None
 
-    def teacher_checkpoint(self) -> Path:
-        """The teacher checkpoint this student run distilled from."""
-        value = self.config().teacher.checkpoint
-        if not value:
-            raise CSKDError(f"the run in {self.path} used no teacher (teacher.checkpoint is empty)")
-        return resolve_checkpoint(resolve_teacher_reference(value))
-
     # -- checkpoints -------------------------------------------------------------------------
 
     @property

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.ops import roi_align
 
-from cskd.checkpoint import ModelSpec, read_spec, resolve_checkpoint
+from cskd.checkpoint import ModelSpec, read_spec, read_state_dict, resolve_checkpoint
 from cskd.config import Config
 from cskd.data.datasets import DatasetInfo, build_dataset, fingerprint
 from cskd.data.mixing import MixRecord
@@ -39,6 +39,7 @@ from cskd.errors import CSKDError
 from cskd.files import file_sha256
 from cskd.models import DenseTeacher, create_teacher
 from cskd.run import resolve_cache_reference, resolve_teacher_reference
+from cskd.tasks import Trained, get_task, load_trained
 from cskd.teacher_cache import CacheManifest, TeacherCache, mismatches, missing_shards, storage_topk, write_cache
 
 TeacherOutputs = Tuple[torch.Tensor, torch.Tensor]
@@ -87,6 +88,20 @@ def load_teacher(cfg: Config, info: DatasetInfo, device: torch.device) -> Loaded
     mean, std = teacher_normalization(cfg, spec, info)
     model = create_teacher(cfg.teacher.model, info.num_classes, info.channels, checkpoint=path, **kwargs)
     return LoadedTeacher(cfg.teacher.model, model.to(device), mean, std, path, kwargs)
+
+
+def trained_teacher(cfg: Config) -> Trained:
+    """The teacher a student run's ``cfg`` distilled from, as a trained network to evaluate or export:
+    its cskd checkpoint, or a plain state dict built as the run built it (``teacher.model`` and its
+    options, the run's classes and channels, the run's input size, the teacher's normalisation)."""
+    _, info = build_dataset(cfg.data.name, "val", cfg.data.path, cfg.data.channels)
+    path, spec, kwargs = teacher_kwargs(cfg, info)
+    if spec is not None:
+        return load_trained(path)
+    task = get_task("teacher")
+    spec = task.spec(cfg, info)  # with the config's mean and std, else the data's: teacher_normalization's rule
+    spec.kwargs = kwargs
+    return Trained(task.load(spec, read_state_dict(path), path), spec, {}, task, path)
 
 
 def teacher_normalization(cfg: Config, spec: Optional[ModelSpec], info: DatasetInfo) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from cskd import __version__
 from cskd.checkpoint import resolve_checkpoint
+from cskd.config import DataConfig
 from cskd.data.samples import sample_images
 from cskd.errors import CSKDError
 from cskd.evaluate import ModelInput, evaluation_dataset, real_images
@@ -35,6 +36,7 @@ from cskd.runtime.backends import backend_names, create_backend, run_batched
 from cskd.runtime.package import InputSpec, ModelPackage, staged_folder, write_package_json
 from cskd.runtime.preprocess import to_engine_input
 from cskd.tasks import Trained, load_trained
+from cskd.teachers import trained_teacher
 
 
 @dataclass
@@ -75,14 +77,20 @@ def check_counts(options: ExportOptions) -> None:
             raise CSKDError(f"{flag} {value} is below {least}: it counts {what}; {fix} or another count of at least {least}")
 
 
-def resolve_source(source: Path, teacher: bool) -> Path:
-    """The checkpoint to export: ``source`` itself, or the teacher its run distilled from."""
+def load_source(source: Path, teacher: bool) -> Tuple[Trained, Optional[DataConfig]]:
+    """The network to export (``source``'s, or the teacher its run distilled from) and the data config
+    its images come from (None: the run directory holding the checkpoint, see ``evaluation_dataset``).
+    A teacher is gated and calibrated on its student run's data: its checkpoint may be a file outside
+    any run, or a plain state dict."""
     if not teacher:
-        return resolve_checkpoint(source)
+        return load_trained(resolve_checkpoint(source)), None
     run = RunDir.open(source) if Path(source).is_dir() else RunDir.of_checkpoint(source)
     if run is None:
         raise CSKDError(f"--teacher needs a student run directory with config.yaml; {Path(source).parent} has none")
-    return run.teacher_checkpoint()
+    config = run.config()
+    if not config.teacher.checkpoint:
+        raise CSKDError(f"the run in {run.path} used no teacher (teacher.checkpoint is empty); export it without --teacher")
+    return trained_teacher(config), config.data
 
 
 def default_out(source: Path, options: ExportOptions) -> Path:
@@ -99,17 +107,18 @@ def export_model(source: Path, options: ExportOptions, log: Callable[[str], None
     fmt.preflight(options.engine)  # e.g. TensorRT and a CUDA GPU, before any work
     if options.backend is not None and options.backend not in backend_names():
         raise CSKDError(f"--backend {options.backend} is not one of {', '.join(backend_names())}")
-    trained = load_trained(resolve_source(Path(source), options.teacher))
+    trained, trained_on = load_source(Path(source), options.teacher)
     spec, out = trained.spec, Path(options.out) if options.out else default_out(Path(source), options)
     log(f"exporting {spec.role} {spec.model} from {trained.path} as {fmt.name}/{options.precision} ({options.input_kind} input)")
     module = DeployModule(trained.deployable(), spec.mean, spec.std, options.input_kind == "uint8", options.probabilities).eval()
     images, labels = real_images(trained.path, ModelInput.of_spec(spec), "val", options.parity_images, options.data,
-                                 options.data_path)
+                                 options.data_path, trained_on)
     feed = lambda u8: to_engine_input(u8, "uint8" if options.input_kind == "uint8" else "float32", spec.mean, spec.std)  # noqa: E731
     with torch.inference_mode():
         reference = run_batched(lambda x: _logits(module(torch.from_numpy(x))).numpy(), feed(images), 64)
     with staged_folder(out, options.force) as stage:
-        built = fmt.build(_build_context(stage, module, trained, options, feed(images[:2]), feed, out.parent, log))  # build
+        context = _build_context(stage, module, trained, trained_on, options, feed(images[:2]), feed, out.parent, log)
+        built = fmt.build(context)  # build
         folder = stage / built.package_dir
         package = _package(trained, options, built)
         write_package_json(folder, package)
@@ -122,12 +131,12 @@ def export_model(source: Path, options: ExportOptions, log: Callable[[str], None
     return out / built.package_dir, package
 
 
-def _build_context(stage: Path, module: DeployModule, trained: Trained, options: ExportOptions, example: np.ndarray,
-                   feed: Callable, cache_dir: Path, log: Callable) -> BuildContext:
+def _build_context(stage: Path, module: DeployModule, trained: Trained, trained_on: Optional[DataConfig], options: ExportOptions,
+                   example: np.ndarray, feed: Callable, cache_dir: Path, log: Callable) -> BuildContext:
     spec = trained.spec
 
     def training_split() -> Dataset:
-        return evaluation_dataset(trained.path, ModelInput.of_spec(spec), "train", options.data, options.data_path)[0]
+        return evaluation_dataset(trained.path, ModelInput.of_spec(spec), "train", options.data, options.data_path, trained_on)[0]
 
     def calibration() -> List[np.ndarray]:
         split = training_split()

@@ -128,6 +128,39 @@ def _perturb_head_after_fusion(monkeypatch, scale: float) -> None:
     monkeypatch.setattr(onnx_export, "export_fp32", perturbed)
 
 
+@pytest.mark.parametrize("plain", [False, True], ids=["cskd-checkpoint-outside-a-run", "plain-state-dict"])
+def test_a_runs_teacher_is_gated_and_calibrated_on_the_runs_own_data(tmp_path, plain):
+    """A student run on an image folder (10 training, 10 validation images) whose teacher.checkpoint is
+    a file of no run directory: the teacher's package is checked and calibrated on the run's images,
+    not on the embedded demo's 2,000 / 10,000 (nor refused, for a plain state dict)."""
+    from safetensors.torch import save_file
+
+    from cskd.checkpoint import ModelSpec, save_weights
+    from cskd.config import load_config, save_config
+    from cskd.models import create_teacher
+    from tests.conftest import write_imagefolder
+
+    write_imagefolder(tmp_path / "data", [(32, 32)])
+    torch.manual_seed(0)
+    weights = create_teacher("cskd_resnet_micro", 10, 1, output_stride=8).model.state_dict()
+    spec = ModelSpec("teacher", "cskd_resnet_micro", 10, 1, 32, kwargs={"output_stride": 8}, mean=(0.5,), std=(0.5,),
+                     class_names=[f"c{i}" for i in range(10)])
+    if plain:
+        save_file(weights, tmp_path / "teacher.safetensors")
+    else:
+        save_weights(tmp_path / "teacher.safetensors", weights, spec)
+    run = tmp_path / "student"
+    run.mkdir()  # --teacher reads only the run's config
+    save_config(load_config(None, ["data.name=imagefolder", f"data.path={tmp_path / 'data'}", "data.channels=1",
+                                   "teacher.model=cskd_resnet_micro", f"teacher.checkpoint={tmp_path / 'teacher.safetensors'}",
+                                   "teacher.kwargs={output_stride: 8}", "teacher.cache=null"]), run / "config.yaml")
+    said = []
+    out, package = export_model(run, ExportOptions(out=tmp_path / "teacher-int8", teacher=True, precision="int8", gate=False,
+                                                   parity_images=200, tuning_images=0), log=said.append)
+    assert package.classes == [f"c{i}" for i in range(10)] and package.parity["images"] == 10
+    assert any("the training split has 10 images" in line for line in said), said
+
+
 def test_gate_refuses_a_sabotaged_model_and_writes_nothing(trained_run, tmp_path, monkeypatch):
     _perturb_head_after_fusion(monkeypatch, 0.5)
     with pytest.raises(CSKDError, match="parity gate failed"):
