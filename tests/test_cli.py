@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from cskd.cli import parse_args
 from cskd.files import file_sha256
 from tests.conftest import quick_overrides
 
@@ -86,6 +87,24 @@ def test_eval_matches_the_training_time_validation(tmp_path):
 def test_bad_input_gives_one_line_and_a_nonzero_exit(tmp_path, args, fragments):
     extra = f"output={tmp_path / 'out'}" if args[0] == "train" and "--resume" not in args else "--no-progress"
     assert_one_line_error(cskd(*args, extra), *fragments)
+
+
+def test_options_may_stand_before_between_and_after_the_overrides():
+    args = parse_args(["train", "train.epochs=1", "--no-progress", "output=runs/x", "--config", "finetune", "data.path=/d"])
+    assert args.overrides == ["train.epochs=1", "output=runs/x", "data.path=/d"] and args.no_progress
+    assert str(args.config) == "finetune" and args.command == "train" and args.func is not None
+    cached = parse_args(["cache-teacher", "data.workers=0", "--out", "runs/c", "student.img_size=32", "--topk", "3"])
+    assert cached.overrides == ["data.workers=0", "student.img_size=32"] and (str(cached.out), cached.topk) == ("runs/c", 3)
+
+
+@pytest.mark.parametrize("command", ["train", "cache-teacher"])
+def test_an_override_after_an_option_reaches_the_config(command):
+    """`cskd train x=y --no-progress z=w` was refused as "unrecognized arguments: z=w"; now z=w is read
+    (and, being a mistyped key, refused by the config, which names it)."""
+    assert_one_line_error(cskd(command, "data.workers=0", "--no-progress", "train.lrr=0.1"),
+                          f"cskd {command}: error: unknown config key 'train.lrr'")
+    unknown = cskd(command, "--bogus", "data.workers=0")  # argparse's own refusal: usage, then the error
+    assert unknown.returncode == 2 and unknown.stderr.splitlines()[-1] == f"cskd {command}: error: unrecognized arguments: --bogus"
 
 
 def test_teacher_of_another_class_count_is_refused(tmp_path):
