@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from cskd.assets import DEMO_REFERENCE, DEMO_TEACHER_CACHE, asset_path
 from cskd.data.datasets import DATASETS
 from cskd.data.transforms import RE_MODES
 from cskd.engine import AMP_MODES
@@ -21,6 +22,7 @@ from cskd.errors import CSKDError, did_you_mean
 from cskd.files import atomic_write_text
 from cskd.loss import CKF_PROGRESS, DECAYS, KD_TYPES
 from cskd.tasks import TASKS
+from cskd.teacher_cache import CacheManifest
 
 
 @dataclass
@@ -241,8 +243,9 @@ def packaged_names() -> List[str]:
     return sorted(p.name[:-5] for p in resources.files("cskd").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
-    """Build a validated :class:`Config` from a YAML file (or the packaged demo) and overrides."""
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), notes: Optional[List[str]] = None) -> Config:
+    """Build a validated :class:`Config` from a YAML file (or the packaged demo) and overrides;
+    ``notes`` (when given) receives a line for each setting of the file that this run cannot keep."""
     cfg = Config()
     path = Path(path) if path is not None else packaged_config("demo")
     if not path.is_file() and packaged_config(str(path)).is_file():
@@ -259,10 +262,39 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         raise CSKDError(f"config file {path} must hold a mapping of sections (data:, student:, ...)")
     for key, value in _flatten(tree).items():
         _set(cfg, key, value)
-    for text in overrides:
-        _set(cfg, *parse_override(text))
+    given = [parse_override(text) for text in overrides]
+    for key, value in given:
+        _set(cfg, key, value)
+    _packaged_cache_for_its_pairing_only(cfg, "teacher.cache" in dict(given), notes)
     validate(cfg)
     return cfg
+
+
+def _packaged_cache_for_its_pairing_only(cfg: Config, on_command_line: bool, notes: Optional[List[str]]) -> None:
+    """``teacher.cache=demo`` holds the packaged teacher's targets on the embedded training split and
+    fits no other teacher or data. A file's (the demo config's) is dropped for a run of another
+    teacher or data, whose teacher then runs online; one given on the command line is refused."""
+    if cfg.teacher.cache != DEMO_REFERENCE or not TASKS[cfg.train.target].distils(cfg):
+        return
+    manifest = CacheManifest.read(asset_path(DEMO_TEACHER_CACHE))  # what the packaged cache was made of
+    teacher, data = manifest.teacher, manifest.data
+    own = {"teacher.checkpoint": cfg.teacher.checkpoint, "teacher.model": cfg.teacher.model,
+           "teacher.kwargs": {**teacher["kwargs"], **cfg.teacher.kwargs}, "data.name": cfg.data.name}
+    packaged = {"teacher.checkpoint": teacher["checkpoint"], "teacher.model": teacher["model"],
+                "teacher.kwargs": teacher["kwargs"], "data.name": data["name"]}
+    other = ", ".join(f"{key}={own[key]}" for key in own if own[key] != packaged[key])
+    if not other:
+        return
+    why = (f"the packaged cache holds the demo teacher's targets on the embedded data (teacher.checkpoint=demo, "
+           f"data.name={data['name']}), and this run has {other}")
+    if on_command_line:
+        raise CSKDError(f"teacher.cache=demo does not fit this run: {why}; drop teacher.cache to run the teacher online, "
+                        "or cache it once with `cskd cache-teacher` (the same config and overrides) and pass "
+                        "teacher.cache=ITS_FOLDER")
+    cfg.teacher.cache = None
+    if notes is not None:
+        notes.append(f"teacher.cache=demo dropped: {why}; the teacher runs online (to run it once instead: `cskd "
+                     "cache-teacher` with the same config and overrides, then teacher.cache=ITS_FOLDER)")
 
 
 def validate(cfg: Config) -> None:

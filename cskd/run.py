@@ -22,24 +22,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from cskd.assets import DEMO_TEACHER, DEMO_TEACHER_CACHE, asset_path
+from cskd.assets import DEMO_REFERENCE, DEMO_TEACHER, DEMO_TEACHER_CACHE, asset_path
 from cskd.checkpoint import BEST, LAST, checkpoint_epoch, resolve_checkpoint
 from cskd.config import Config, DataConfig, load_config, save_config
 from cskd.errors import CSKDError
 from cskd.files import atomic_write, atomic_write_json, atomic_write_text
 
-DEMO_TEACHER_REFERENCE = "demo"  # teacher.checkpoint=demo: the teacher shipped with cskd
-
 
 def resolve_teacher_reference(value: str) -> Path:
     """A ``teacher.checkpoint`` value as a path: ``demo`` is the packaged demo teacher."""
-    return asset_path(DEMO_TEACHER) if value == DEMO_TEACHER_REFERENCE else Path(value)
+    return asset_path(DEMO_TEACHER) if value == DEMO_REFERENCE else Path(value)
 
 
 def resolve_cache_reference(value: str) -> Path:
     """A ``teacher.cache`` value as a path: ``demo`` is the packaged cache of the demo teacher over
     the embedded training split."""
-    return asset_path(DEMO_TEACHER_CACHE) if value == DEMO_TEACHER_REFERENCE else Path(value)
+    return asset_path(DEMO_TEACHER_CACHE) if value == DEMO_REFERENCE else Path(value)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -282,8 +282,8 @@ class Quiet:
 class MainProcess(Quiet):
     """Rank 0: the config, checkpoints, metrics and plots in the run directory, and the console."""
 
-    def __init__(self, show_progress: bool) -> None:
-        self.show_progress = show_progress
+    def __init__(self, show_progress: bool, notes: Sequence[str] = ()) -> None:
+        self.show_progress, self.notes = show_progress, notes
 
     def start(self, session: Session, resume: bool) -> None:
         cfg, run = session.cfg, session.run
@@ -304,8 +304,9 @@ class MainProcess(Quiet):
                     if loaders.transfer_images else "")
         print(f"cskd train: {session.task.name} {session.spec.model} ({kd}) on {cfg.data.name} "
               f"[{loaders.labelled_images} images, {info.num_classes} classes{transfer}]")
-        if loaders.left_out:
-            print(f"  {loaders.left_out}")
+        for line in (*self.notes, loaders.left_out):
+            if line:
+                print(f"  {line}")
         print(f"  device {session.env.device} x{session.env.world_size}, {session.steps_per_epoch} steps/epoch, "
               f"lr {scaled_lr(cfg, session.env.world_size):.2e}, run dir {run.path}"
               + (f", resuming at epoch {session.start_epoch + 1}" if resume else ""))
@@ -383,8 +384,9 @@ def run_epoch(session: Session, epoch: int, show_progress: bool) -> Dict[str, An
             **{f"val_top5_{h}": v for h, v in val["top5"].items()}}
 
 
-def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> RunResult:
-    """Train according to ``cfg``; with ``resume`` continue the run in ``cfg.output``."""
+def train(cfg: Config, resume: bool = False, show_progress: bool = True, notes: Sequence[str] = ()) -> RunResult:
+    """Train according to ``cfg``; with ``resume`` continue the run in ``cfg.output``. ``notes``: lines
+    about the config (what :func:`~cskd.config.load_config` dropped) printed with the run's start."""
     started = time.perf_counter()
     env = init_distributed(cfg.train.device)
     try:
@@ -393,7 +395,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> RunR
         if cfg.output is None:
             cfg.output = str(RunDir.default_path(cfg.train.target))
         session = build_session(cfg, env, resume)
-        out = MainProcess(show_progress) if env.is_main else Quiet()
+        out = MainProcess(show_progress, notes) if env.is_main else Quiet()
         out.start(session, resume)
         metrics: Dict[str, Any] = {}
         for epoch in range(session.start_epoch, cfg.train.epochs):

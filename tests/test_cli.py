@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from cskd.cli import parse_args
 from cskd.files import file_sha256
-from tests.conftest import quick_overrides
+from tests.conftest import quick_overrides, write_imagefolder
 
 
 def cskd(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -105,6 +105,20 @@ def test_an_override_after_an_option_reaches_the_config(command):
                           f"cskd {command}: error: unknown config key 'train.lrr'")
     unknown = cskd(command, "--bogus", "data.workers=0")  # argparse's own refusal: usage, then the error
     assert unknown.returncode == 2 and unknown.stderr.splitlines()[-1] == f"cskd {command}: error: unrecognized arguments: --bogus"
+
+
+@pytest.mark.slow
+def test_a_student_of_its_own_teacher_on_its_own_images_runs_with_the_demo_config(tmp_path, micro_teacher):
+    """The README's "Your own teacher" shape: the demo config, an image folder and another teacher.
+    The packaged cache (the demo teacher's, on the embedded data) is dropped with a note instead of
+    stopping the run with a cache mismatch."""
+    write_imagefolder(tmp_path / "data", [(32, 32)])
+    proc = cskd("train", "data.name=imagefolder", f"data.path={tmp_path / 'data'}", "data.channels=1", *micro_teacher,
+                "train.epochs=1", "train.batch_size=4", "data.workers=0", "student.kwargs={depth: 1}", f"output={tmp_path / 'run'}",
+                "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "teacher.cache=demo dropped: the packaged cache holds the demo teacher's targets on the embedded data" in proc.stdout
+    assert "best val top-1 (fused)" in proc.stdout
 
 
 def test_teacher_of_another_class_count_is_refused(tmp_path):

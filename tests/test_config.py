@@ -82,6 +82,36 @@ def test_starting_weights_for_the_network_a_run_does_not_train_are_refused(overr
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("overrides, other", [
+    (["teacher.model=resnet18", "teacher.checkpoint=runs/teacher"], "teacher.checkpoint=runs/teacher, teacher.model=resnet18"),
+    (["data.name=imagefolder", "data.path=/data/pets"], "data.name=imagefolder"),
+    (["teacher.kwargs={output_stride: 16}"], "teacher.kwargs={'output_stride': 16}"),
+])
+def test_the_demo_configs_packaged_cache_is_dropped_with_a_note_for_another_teacher_or_data(overrides, other):
+    """The packaged cache is the demo teacher's on the embedded data: a run of another teacher or data
+    does not inherit it from the demo config, and is told how to cache its own."""
+    notes = []
+    cfg = load_config(None, overrides, notes)
+    assert cfg.teacher.cache is None
+    assert notes == [f"teacher.cache=demo dropped: the packaged cache holds the demo teacher's targets on the embedded data "
+                     f"(teacher.checkpoint=demo, data.name=fashion-mnist-demo), and this run has {other}; the teacher runs "
+                     "online (to run it once instead: `cskd cache-teacher` with the same config and overrides, then "
+                     "teacher.cache=ITS_FOLDER)"]
+
+
+@pytest.mark.parametrize("overrides", [[], ["teacher.kwargs={output_stride: 8}"], ["train.epochs=3", "teacher.cache=demo"]])
+def test_the_packaged_cache_stays_with_the_packaged_teacher_and_data(overrides):
+    """The demo teacher's own output_stride (what its checkpoint records) is the same teacher."""
+    notes = []
+    assert load_config(None, overrides, notes).teacher.cache == "demo" and notes == []
+
+
+def test_the_packaged_cache_given_on_the_command_line_for_another_teacher_is_refused():
+    with pytest.raises(CSKDError, match=r"teacher.cache=demo does not fit this run: .* this run has teacher.checkpoint=runs/t; "
+                                        r"drop teacher.cache .*`cskd cache-teacher`"):
+        load_config(None, ["teacher.checkpoint=runs/t", "teacher.cache=demo"])
+
+
 def test_missing_or_invalid_config_file(tmp_path):
     with pytest.raises(CSKDError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
@@ -118,3 +148,4 @@ def test_paper_presets_reproduce_the_official_recipe(name, student, global_batch
     assert (cfg.data.mixup, cfg.data.cutmix, cfg.data.reprob, cfg.data.repeated_aug) == (0.8, 1.0, 0.25, 3)
     assert (cfg.loss.deit_type, cfg.loss.cskd_type, cfg.loss.alpha, cfg.loss.cskd_weight) == ("hard", "hard", 0.5, 1.0)
     assert (cfg.loss.decay, cfg.loss.ckf_progress) == ("linear", "epoch")
+

@@ -11,6 +11,7 @@ import numpy as np
 DEMO_DATA = "fashion_mnist_demo.npz"
 DEMO_TEACHER = "teacher_fashion_mnist_demo.safetensors"
 DEMO_TEACHER_CACHE = "teacher_cache_fashion_mnist_demo"  # the demo teacher over the embedded training split
+DEMO_REFERENCE = "demo"  # teacher.checkpoint=demo and teacher.cache=demo name the two above
 
 
 def asset_path(name: str) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import List
 
 from cskd.errors import CSKDError
 
@@ -52,11 +53,12 @@ def run(args: argparse.Namespace) -> int:
     from cskd.run import RunDir
     from cskd.train import train
 
+    notes: List[str] = []  # what the config file set that this run cannot keep, said by the run
     if args.resume is not None:
         if args.config is not None:
             raise CSKDError("--resume takes its config from the run directory; drop --config (overrides still apply)")
         cfg = RunDir.open(args.resume).config((*args.overrides, f"output={args.resume}"))
     else:
-        cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume is not None, show_progress=not args.no_progress)
+        cfg = load_config(args.config, args.overrides, notes)
+    train(cfg, resume=args.resume is not None, show_progress=not args.no_progress, notes=notes)
     return 0
