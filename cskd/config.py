@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
 from cskd.assets import DEMO_REFERENCE, DEMO_TEACHER_CACHE, asset_path
+from cskd.configs import packaged_config, packaged_names
 from cskd.data.datasets import DATASETS
 from cskd.data.transforms import RE_MODES
 from cskd.engine import AMP_MODES
@@ -233,14 +233,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
-
-
-def packaged_config(name: str) -> Path:
-    return Path(str(resources.files("cskd") / "configs" / f"{name}.yaml"))
-
-
-def packaged_names() -> List[str]:
-    return sorted(p.name[:-5] for p in resources.files("cskd").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), notes: Optional[List[str]] = None) -> Config:

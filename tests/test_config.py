@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from cskd.config import Config, load_config, packaged_config, parse_override, save_config
+from cskd.config import Config, load_config, packaged_config, packaged_names, parse_override, save_config
 from cskd.errors import CSKDError
 from cskd.train import scaled_lr
 
@@ -121,7 +124,14 @@ def test_missing_or_invalid_config_file(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("name", ["demo", "teacher-demo", "cskd-deit-ti", "cskd-deit-s", "cskd-deit-b", "finetune", "finetune-teacher"])
+def test_the_packaged_recipes_are_the_ones_the_help_names():
+    assert set(packaged_names()) >= {"demo", "teacher-demo", "cskd-deit-ti", "cskd-deit-s", "cskd-deit-b", "finetune",
+                                     "finetune-teacher", "finetune-demo", "finetune-teacher-demo"}
+    proc = subprocess.run([sys.executable, "-m", "cskd", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert all(name in " ".join(proc.stdout.split()) for name in packaged_names())
+
+
+@pytest.mark.parametrize("name", packaged_names())
 def test_every_packaged_config_loads_by_name(name, tmp_path):
     paper = ["data.path=" + str(tmp_path), "teacher.checkpoint=" + str(tmp_path / "w.pth")]  # the user supplies these
     overrides = paper if name.startswith(("cskd-deit", "finetune")) else []
@@ -149,3 +159,23 @@ def test_paper_presets_reproduce_the_official_recipe(name, student, global_batch
     assert (cfg.loss.deit_type, cfg.loss.cskd_type, cfg.loss.alpha, cfg.loss.cskd_weight) == ("hard", "hard", 0.5, 1.0)
     assert (cfg.loss.decay, cfg.loss.ckf_progress) == ("linear", "epoch")
 
+
+# The overrides that made the packaged fine-tuning recipes fine-tune the demo-size pair (README,
+# benchmarks/finetune_experiment.py): what finetune-demo and finetune-teacher-demo must equal.
+DEMO_STUDENT = ["data.channels=1", "data.eval_crop_pct=1.0", "student.img_size=32", "teacher.model=regnety_016",
+                "teacher.kwargs={output_stride: 8}", "student.model=cskd_deit_nano_distilled_patch4_32", "student.patch_size=4",
+                "train.lr=5e-3"]
+DEMO_TEACHER = ["data.channels=1", "data.eval_crop_pct=1.0", "student.img_size=32", "teacher.model=regnety_016",
+                "teacher.kwargs={output_stride: 8}"]
+
+
+@pytest.mark.parametrize("recipe, base, overrides, from_scratch", [
+    ("finetune-demo", "finetune", DEMO_STUDENT, "demo"),
+    ("finetune-teacher-demo", "finetune-teacher", DEMO_TEACHER, "teacher-demo"),
+])
+def test_the_demo_size_fine_tuning_recipes_are_the_recipes_at_the_demo_sizes(recipe, base, overrides, from_scratch, tmp_path):
+    """One recipe instead of seven overrides, at the recipes' rate rule: a quarter of the from-scratch rate."""
+    path = [f"data.path={tmp_path}", f"teacher.checkpoint={tmp_path / 'w.pth'}"]  # the user supplies these
+    cfg = load_config(recipe, path)
+    assert cfg.to_dict() == load_config(base, [*path, *overrides]).to_dict()
+    assert cfg.train.lr == pytest.approx(load_config(from_scratch).train.lr / 4)

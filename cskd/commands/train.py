@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import List
 
+from cskd.configs import packaged_names
 from cskd.errors import CSKDError
 
 EXAMPLES = """\
@@ -21,6 +22,8 @@ examples:
   cskd train --config finetune-teacher data.path=ROOT teacher.init=regnety_160.safetensors output=runs/t
   cskd train --config finetune data.path=ROOT student.init=deit_tiny_distilled_patch16_224.safetensors \
       teacher.checkpoint=runs/t teacher.cache=runs/t-cache  # fine-tune both from pretrained weights (README)
+  cskd train --config finetune-demo data.path=ROOT student.init=runs/demo teacher.checkpoint=runs/t-demo \
+      teacher.cache=runs/t-demo-cache                  # the same at the demo's sizes (32 px grayscale, finetune-teacher-demo)
   torchrun --nproc-per-node 2 -m cskd train ...          # data-parallel on 2 processes
 
 config keys (defaults: cskd/configs/demo.yaml; full list and meaning in the README):
@@ -41,8 +44,8 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a DeiT student from a CNN teacher with Cumulative Spatial Knowledge Distillation.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides with dotted keys")
-    p.add_argument("--config", type=Path, help="YAML file, or a packaged config by name: demo (default), teacher-demo, "
-                   "finetune, finetune-teacher, cskd-deit-ti, cskd-deit-s, cskd-deit-b")
+    p.add_argument("--config", type=Path, help="YAML file, or a packaged recipe by name (default: demo): "
+                   + ", ".join(packaged_names()))
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last epoch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=run)
