@@ -156,7 +156,7 @@ def leave_out_known(transfer: Unlabeled, spec: str, mode: str, labelled: Optiona
     if not references:
         transfer.left_out = LeftOut(spec)
         return transfer
-    masks = equal_images(_pixels(transfer, mode), [_pixels(d, mode) for d in references])
+    masks = _equal_images(_pixels(transfer, mode), [_pixels(d, mode) for d in references])
     in_labelled = masks[0] if labelled is not None else np.zeros(len(transfer), dtype=bool)
     in_validation = masks[-1] & ~in_labelled if validation is not None else np.zeros(len(transfer), dtype=bool)
     left_out = LeftOut(spec, int(in_labelled.sum()), int(in_validation.sum()))
@@ -205,7 +205,7 @@ def _header_size(path: str) -> Size:
         raise CSKDError(f"cannot read image {path} ({exc}); remove or replace the file") from None
 
 
-def equal_images(candidates: _Pixels, references: Sequence[_Pixels]) -> List[np.ndarray]:
+def _equal_images(candidates: _Pixels, references: Sequence[_Pixels]) -> List[np.ndarray]:
     """One ``[N]`` bool per reference: which of ``candidates`` equal one of its images. Each image is
     decoded at most once, and only when the other side has an image of its size."""
     wanted = set(candidates.sizes)
