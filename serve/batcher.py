@@ -46,7 +46,7 @@ Prepare = Callable[[Any], np.ndarray]  # a request's payload -> its engine-ready
 Outcome = Union[np.ndarray, Exception]
 
 
-@dataclass
+@dataclass(eq=False)  # a queue entry is itself, never equal to another: payloads (numpy rows) do not compare
 class _Pending:
     payload: Any
     count: int  # rows the payload becomes

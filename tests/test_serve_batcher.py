@@ -263,3 +263,35 @@ def test_a_queued_request_whose_caller_left_frees_its_place_at_once():
 
     depth, after = run(scenario())
     assert depth == 0 and np.array_equal(after, [[2.0], [2.0]])
+
+
+def test_cancelling_a_queued_array_request_behind_another_keeps_every_deadline():
+    """A cancelled queue entry that is not the queue's head is removed by identity: its numpy payload
+    is never compared with another's (that raised 'truth value of an array is ambiguous', left the
+    entry queued, and made a later request's deadline timer fail, so it waited for the backend)."""
+
+    async def scenario():
+        backend = Stuck()
+        batcher = DynamicBatcher(backend, max_batch=1, max_wait_ms=0, max_queue=16, stall_after_s=5.0)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        running = asyncio.ensure_future(batcher.submit(np.ones((1, 2)), 0.4))  # holds the stuck engine
+        await asyncio.sleep(0.01)
+        q1 = asyncio.ensure_future(batcher.submit(np.ones((1, 2)), 0.4))
+        q2 = asyncio.ensure_future(batcher.submit(np.ones((1, 2)), 0.4))
+        await asyncio.sleep(0.01)
+        q2.cancel()  # the client of a queued v2 request went away
+        q3 = asyncio.ensure_future(batcher.submit(np.ones((1, 2)), 0.4))
+        started = loop.time()
+        outcomes = await asyncio.gather(running, q1, q2, q3, return_exceptions=True)
+        elapsed = loop.time() - started
+        depth = batcher.depth
+        backend.release.set()
+        await batcher.close(drain_s=1.0)
+        return outcomes, elapsed, depth
+
+    (running, q1, q2, q3), elapsed, depth = run(scenario())
+    assert isinstance(running, InferenceTimeout) and isinstance(q1, DeadlineExceeded)
+    assert isinstance(q2, asyncio.CancelledError)  # was: ValueError from deque.remove
+    assert isinstance(q3, DeadlineExceeded) and elapsed < 1.5  # was: still waiting on the backend
+    assert depth == 0
