@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, WithJsonSchema
 
 from cskd.serve.parsing import MalformedInput, load_json, parse_count
 
@@ -28,6 +29,74 @@ MAX_DIMS = 8
 
 class ProtocolError(ValueError):
     """A request that does not follow the protocol (answered 400 with ``{"error": ...}``)."""
+
+
+# The inference request's JSON, typed as the protocol says: every field's type is checked once, here,
+# and the OpenAPI schema built from these models tells fuzzers (schemathesis) what a wrong type is.
+# An enum without "type": "string", so that a fuzzer's wrong values for it are of every type, not strings only.
+Datatype = Annotated[Literal[tuple(DATATYPES)], WithJsonSchema({"enum": list(DATATYPES)})]  # type: ignore[valid-type]
+Dimension = Annotated[StrictInt, Field(ge=0)]
+
+
+class TensorParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    binary_data_size: Optional[Annotated[StrictInt, Field(ge=0)]] = None
+
+
+class OutputParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    binary_data: Optional[StrictBool] = None
+
+
+class RequestParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    binary_data_output: Optional[StrictBool] = None
+
+
+class RequestInput(BaseModel):
+    """``$request_input``: a tensor's name, datatype and shape, with its values in ``data`` (row-major,
+    flat or nested) or, with the binary tensor extension, ``binary_data_size`` bytes after the JSON."""
+    name: StrictStr
+    datatype: Datatype
+    shape: List[Dimension] = Field(max_length=MAX_DIMS)
+    parameters: Optional[TensorParameters] = None
+    data: Optional[List[Any]] = None  # row-major values, flat or nested
+
+
+class RequestOutput(BaseModel):
+    name: StrictStr
+    parameters: Optional[OutputParameters] = None
+
+
+class InferenceRequest(BaseModel):
+    """``$inference_request`` of the KServe v2 protocol."""
+    id: Optional[StrictStr] = None
+    parameters: Optional[RequestParameters] = None
+    inputs: List[RequestInput] = Field(min_length=1)
+    outputs: Optional[List[RequestOutput]] = None
+
+
+def inline_schema(model: type[BaseModel]) -> Dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` written in place: an OpenAPI document resolves
+    ``$ref`` from its own root, where pydantic's local definitions are not."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[1]])
+            return {key: resolve(value) for key, value in node.items()}
+        return [resolve(value) for value in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".") or "the request"
+    got = repr(first.get("input"))[:60]
+    return f"{where}: {first['msg']} (got {got})"
 
 
 @dataclass
@@ -62,52 +131,38 @@ def parse_request(body: bytes, header_length: Optional[str]) -> InferRequest:
                                 f"{len(body)}-byte body")
         json_length = length
     try:
-        header = load_json(body[:json_length])
+        header = InferenceRequest.model_validate(load_json(body[:json_length]))
     except MalformedInput as exc:
         raise ProtocolError(f"the request header is not valid JSON ({exc}); send the v2 inference request JSON, followed by "
                             "binary tensors only with Inference-Header-Content-Length") from None
-    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
-        raise ProtocolError("the request needs an 'inputs' list with at least one tensor")
+    except ValidationError as exc:
+        raise ProtocolError(f"not a v2 inference request: {_first_error(exc)}") from None
     blob, offset = memoryview(body)[json_length:], 0
     inputs = []
-    for i, raw in enumerate(header["inputs"]):
+    for i, raw in enumerate(header.inputs):
         tensor, used = _input_tensor(raw, i, blob[offset:])
         inputs.append(tensor)
         offset += used
     if offset != len(blob):
         raise ProtocolError(f"{len(blob) - offset} bytes after the tensors belong to no input (binary_data_size too small?)")
-    parameters = _parameters(header, "the request")
-    request_id = header.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise ProtocolError(f"'id' must be a string, got {request_id!r}")
-    return InferRequest(inputs, _requested_outputs(header.get("outputs")), parameters.get("binary_data_output") is True,
-                        request_id, parameters)
+    outputs = None if header.outputs is None else [
+        (output.name, output.parameters.binary_data if output.parameters else None) for output in header.outputs]
+    parameters = header.parameters.model_dump(exclude_none=True) if header.parameters else {}
+    return InferRequest(inputs, outputs, parameters.get("binary_data_output") is True, header.id, parameters)
 
 
-def _parameters(entry: Dict[str, Any], where: str) -> Dict[str, Any]:
-    parameters = entry.get("parameters")
-    if parameters is None:
-        return {}
-    if not isinstance(parameters, dict):
-        raise ProtocolError(f"'parameters' of {where} must be an object, got {type(parameters).__name__}")
-    return parameters
-
-
-def _input_tensor(raw: Any, index: int, blob: memoryview) -> Tuple[Tensor, int]:
-    """A JSON input entry -> its tensor, and how many bytes of ``blob`` (the binary part) it used."""
-    if not isinstance(raw, dict):
-        raise ProtocolError(f"inputs[{index}] is not an object")
-    name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
-    check_tensor_header(name, datatype, shape, index)
-    size = _parameters(raw, f"inputs[{index}]").get("binary_data_size")
+def _input_tensor(raw: RequestInput, index: int, blob: memoryview) -> Tuple[Tensor, int]:
+    """A validated input entry -> its tensor, and how many bytes of ``blob`` (the binary part) it used."""
+    name, datatype, shape = raw.name, raw.datatype, raw.shape
+    size = raw.parameters.binary_data_size if raw.parameters else None
     if size is not None:  # tensor_from_bytes checks that the size holds the shape
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(blob):
-            raise ProtocolError(f"inputs[{index}] ({name}): binary_data_size {str(size)[:40]} is not a size within the "
+        if size > len(blob):
+            raise ProtocolError(f"inputs[{index}] ({name}): binary_data_size {size} is more than the "
                                 f"{len(blob)} bytes sent after the header")
         return tensor_from_bytes(name, datatype, shape, blob[:size], index), size
-    if "data" not in raw:
+    if raw.data is None:
         raise ProtocolError(f"inputs[{index}] ({name}) has neither 'data' nor a binary_data_size parameter")
-    return tensor_from_values(name, datatype, shape, raw["data"], index), 0
+    return tensor_from_values(name, datatype, shape, raw.data, index), 0
 
 
 def check_tensor_header(name: Any, datatype: Any, shape: Any, index: int) -> None:
@@ -153,20 +208,6 @@ def _check_finite(array: np.ndarray, index: int, name: str) -> None:
         raise ProtocolError(f"inputs[{index}] ({name}) holds NaN or infinite values")
 
 
-def _requested_outputs(raw: Any) -> Optional[List[Tuple[str, Optional[bool]]]]:
-    if raw is None:
-        return None
-    if not isinstance(raw, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in raw):
-        raise ProtocolError("'outputs' must be a list of objects with a 'name'")
-    requested = []
-    for i, output in enumerate(raw):
-        binary = _parameters(output, f"outputs[{i}]").get("binary_data")
-        if binary is not None and not isinstance(binary, bool):
-            raise ProtocolError(f"outputs[{i}]: binary_data must be true or false, got {binary!r}")
-        requested.append((output["name"], binary))
-    return requested
-
-
 def encode_response(model_name: str, model_version: str, request: InferRequest,
                     outputs: List[Tuple[str, np.ndarray]]) -> Tuple[bytes, Dict[str, str], str]:
     """``(body, headers, media type)`` of an inference response carrying ``outputs`` (name, array)."""
@@ -183,7 +224,7 @@ def encode_response(model_name: str, model_version: str, request: InferRequest,
     response: Dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": tensors}
     if request.id is not None:
         response["id"] = request.id
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = json.dumps(response, separators=(",", ":"), allow_nan=False).encode()  # strict JSON: callers check finiteness
     if not blobs:
         return header, {}, "application/json"
     return header + b"".join(blobs), {"Inference-Header-Content-Length": str(len(header))}, "application/octet-stream"

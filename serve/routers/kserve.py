@@ -19,15 +19,16 @@ from cskd.serve import v2_model
 from cskd.serve.security import require_api_key
 from cskd.serve.state import Serving, get_serving, serving_for
 from cskd.serve.v2_model import bad_request
-from cskd.serve.v2_protocol import HEADER, ProtocolError, encode_response, parse_request
+from cskd.serve.v2_protocol import HEADER, InferenceRequest, ProtocolError, encode_response, inline_schema, parse_request
 
-router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+router = APIRouter(prefix="/v2", tags=["kserve-v2"])  # health: never behind the key
+server = APIRouter(prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_api_key)])
 models = APIRouter(prefix="/v2/models", tags=["kserve-v2"], dependencies=[Depends(require_api_key)])
 
 _MODEL_ERRORS = {404: {"description": "unknown model or version"}, 503: {"description": "not ready"}}
 
 
-@router.get("", summary="v2 server metadata")
+@server.get("", summary="v2 server metadata")
 async def server_metadata() -> dict:
     return v2_model.server_metadata()
 
@@ -60,8 +61,10 @@ async def metadata(serving: Model) -> dict:
 
 @models.get("/{name}/ready", summary="v2 model readiness", responses=_MODEL_ERRORS)
 @models.get("/{name}/versions/{version}/ready", summary="v2 model readiness (one version)", responses=_MODEL_ERRORS)
-async def model_ready(serving: Model) -> dict:
-    return {"name": serving.model_name, "ready": serving.serviceable}
+async def model_ready(serving: Model) -> JSONResponse:
+    # the status tells (tritonclient's is_model_ready reads nothing else): not ready is 503, as for the server
+    return JSONResponse({"name": serving.model_name, "ready": serving.serviceable},
+                        status_code=200 if serving.serviceable else 503)
 
 
 @models.get("/{name}/config", summary="Triton model configuration", responses=_MODEL_ERRORS)
@@ -72,7 +75,7 @@ async def config(serving: Model) -> dict:
 
 _INFER_BODY = {"requestBody": {"required": True, "description": "v2 inference request JSON; with the binary tensor extension "
                "the raw tensors follow it and Inference-Header-Content-Length gives the JSON's length",
-               "content": {"application/json": {"schema": {"type": "object"}},
+               "content": {"application/json": {"schema": inline_schema(InferenceRequest)},
                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
