@@ -16,7 +16,7 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import compile_path
 
@@ -26,7 +26,7 @@ from cskd.serve.batcher import DynamicBatcher
 from cskd.serve.errors import APIError, error_response, install_handlers, response_for
 from cskd.serve.metrics import create_metrics
 from cskd.serve.parsing import parse_count
-from cskd.serve.routers import health, kserve, model, predict
+from cskd.serve.routers import docs, health, kserve, model, predict
 from cskd.serve.settings import ServeSettings
 from cskd.serve.state import Serving
 
@@ -97,8 +97,13 @@ class BodyLimitMiddleware:
         return await self.app(scope, counted_receive, send)
 
 
+CLIENT_CLOSED = 499  # the status label of a request whose client left before it was answered (nginx's)
+
+
 class MetricsMiddleware:
-    """Requests by route and status, and their latency (plain ASGI: no per-request task or stream wrapping)."""
+    """Requests by route and status, and their latency (plain ASGI: no per-request task or stream wrapping).
+    A request that ends without an answer because its client hung up counts as 499, never as a 5xx:
+    alerts are built on the 5xx count, and a client must not be able to raise it by leaving."""
 
     def __init__(self, app, metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -106,7 +111,7 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, status = time.perf_counter(), [CLIENT_CLOSED]  # the app ends without answering only when the client left
 
         async def recorded_send(message):
             if message["type"] == "http.response.start":
@@ -115,6 +120,10 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, recorded_send)
+        except BaseException:
+            if status[0] == CLIENT_CLOSED:
+                status[0] = 500
+            raise
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(route, scope["method"], str(status[0])).inc()
@@ -132,7 +141,8 @@ def create_app(model_dir: str = "", **settings: Any) -> FastAPI:
     config = ServeSettings(model_dir=str(model_dir) if model_dir else ServeSettings().model_dir, **settings)
     serving = Serving(settings=config, metrics=create_metrics())
     app = FastAPI(title="cskd inference", version=__version__, lifespan=_lifespan(serving),
-                  description="Image classification with a distilled ViT exported by cskd.")
+                  description="Image classification with a distilled ViT exported by cskd.",
+                  docs_url=None, redoc_url=None, openapi_url=None)  # served by routers/docs.py, behind the key
     app.state.serving = serving
     install_handlers(app)
     app.add_middleware(InferenceLane, routes=INFERENCE_ROUTES)  # innermost: after the body limit, CORS and metrics
@@ -141,7 +151,7 @@ def create_app(model_dir: str = "", **settings: Any) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(MetricsMiddleware, metrics=serving.metrics)
-    for router in (health.router, predict.router, model.router, kserve.router, kserve.models):
+    for router in (health.router, predict.router, model.router, kserve.router, kserve.server, kserve.models, docs.router):
         app.include_router(router)
     return app
 
@@ -175,6 +185,8 @@ class InferenceLane:
                     scope["route"], scope["path_params"] = route, match.groupdict()
                     try:
                         response = await endpoint(Request(scope, receive, send))
+                    except ClientDisconnect:  # hung up mid-body: nobody to answer, nothing failed (counted 499)
+                        return
                     except Exception as exc:  # the app's own handlers would answer the same
                         if not isinstance(exc, APIError):  # a failing backend or a bug: into the server log
                             logger.exception("%s %s failed", scope["method"], scope["path"])

@@ -78,7 +78,24 @@ def wanted_outputs(requested: Optional[Sequence[str]]) -> List[str]:
     return list(requested)
 
 
+def input_range(spec) -> Tuple[float, float]:
+    """The values an image takes once encoded as the engine's input: [0, 255] raw pixels, or pixels in
+    [0, 1] normalised by the package's mean and std."""
+    if spec.dtype == "uint8":
+        return 0.0, 255.0
+    ends = [((0.0 - m) / s, (1.0 - m) / s) for m, s in zip(spec.mean, spec.std)]
+    return min(lo for lo, _ in ends), max(hi for _, hi in ends)
+
+
 async def infer(serving: Serving, rows: np.ndarray, outputs: Sequence[str]) -> List[Tuple[str, np.ndarray]]:
-    """Run ``rows`` through the batcher; ``(name, float32 array)`` for each output asked for."""
+    """Run ``rows`` through the batcher; ``(name, float32 array)`` for each output asked for. Logits
+    that are not finite (an input far outside the images' range overflows the engine) are a 400 naming
+    that range: v2 answers are strict JSON, which has no NaN."""
     logits = np.asarray(await serving.infer(rows), dtype=np.float32)
+    if not np.isfinite(logits).all():
+        low, high = input_range(serving.package.input)
+        raise bad_request(f"the model's outputs for this input are not finite: its values span [{float(rows.min()):.4g}, "
+                          f"{float(rows.max()):.4g}], while images encoded as the model's input spec says lie within "
+                          f"[{low:.4g}, {high:.4g}] (GET /v2/models/{serving.model_name} and /v1/model give the spec)",
+                          "non_finite_output")
     return [(name, logits if name == "logits" else softmax(logits).astype(np.float32)) for name in outputs]

@@ -186,11 +186,17 @@ def test_api_key_guards_everything_but_health(package_dir):
         assert denied.status_code == 401 and denied.json()["code"] == "unauthorized"
         assert c.post("/predict", files=image, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.post("/predict", files=image, headers={"Authorization": "Bearer s3cret"}).status_code == 200
-        assert c.get("/v1/model").status_code == 401
+        name = c.get("/v1/model", headers={"Authorization": "Bearer s3cret"}).json()["name"]
+        guarded = ("/v1/model", "/metrics", "/docs", "/openapi.json", "/v2", f"/v2/models/{name}", f"/v2/models/{name}/ready",
+                   f"/v2/models/{name}/config")
+        for path in guarded:  # as the README says: everything but the health checks
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
         for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
             assert c.get(path).status_code == 200
     with TestClient(create_app(package_dir)) as c:  # no key configured: open
         assert c.post("/predict", files={"files": ("x.png", png_bytes(5), "image/png")}).status_code == 200
+        assert c.get("/docs").status_code == 200 and c.get("/openapi.json").json()["info"]["title"] == "cskd inference"
 
 
 def binary_request(tensor: dict, claimed_size: int, extra_bytes: int) -> bytes:
@@ -251,6 +257,18 @@ def _truncated(fmt: str) -> bytes:
         ("v2 shape of 5000 digits", 400, "invalid_request"),
         ("v2 binary_data_size of 5000 digits", 400, "invalid_request"),
         ("v2 header length of 5000 digits", 400, "invalid_request"),
+        # JSON of another type where the protocol says a string, a list or an object: these were 500s
+        ("v2 datatype a list", 400, "invalid_request"),
+        ("v2 datatype an object", 400, "invalid_request"),
+        ("v2 name a number", 400, "invalid_request"),
+        ("v2 shape a string", 400, "invalid_request"),
+        ("v2 shape of floats", 400, "invalid_request"),
+        ("v2 inputs an object", 400, "invalid_request"),
+        ("v2 outputs a string", 400, "invalid_request"),
+        ("v2 binary_data a string", 400, "invalid_request"),
+        ("v2 id a number", 400, "invalid_request"),
+        ("v2 values past float32", 400, "invalid_request"),
+        ("v2 finite input the model overflows on", 400, "non_finite_output"),
     ],
 )
 def test_bad_input_gets_the_right_4xx_and_the_server_keeps_working(package_dir, kind, status, code):
@@ -258,6 +276,7 @@ def test_bad_input_gets_the_right_4xx_and_the_server_keeps_working(package_dir, 
         name = c.get("/v1/model").json()["name"]
         files = lambda data: {"files": ("x", data, "application/octet-stream")}  # noqa: E731
         tensor = {"name": "input", "shape": [1, 1, 32, 32], "datatype": "FP32", "data": [0.0] * 1024}
+        v2 = lambda entry: c.post(f"/v2/models/{name}/infer", json={"inputs": [entry]})  # noqa: E731
         send = {
             "truncated png": lambda: c.post("/predict", files=files(_truncated("PNG"))),
             "truncated jpeg": lambda: c.post("/predict", files=files(_truncated("JPEG"))),
@@ -309,10 +328,23 @@ def test_bad_input_gets_the_right_4xx_and_the_server_keeps_working(package_dir, 
                                                     b'"parameters": {"binary_data_size": ' + HUGE + b"}}]}"),
             "v2 header length of 5000 digits": lambda: c.post(f"/v2/models/{name}/infer", content=b"{}",
                                                               headers={"Inference-Header-Content-Length": HUGE.decode()}),
+            "v2 datatype a list": lambda: v2({**tensor, "datatype": ["FP32"]}),
+            "v2 datatype an object": lambda: v2({**tensor, "datatype": {"a": 1}}),
+            "v2 name a number": lambda: v2({**tensor, "name": 7}),
+            "v2 shape a string": lambda: v2({**tensor, "shape": "1,1,32,32"}),
+            "v2 shape of floats": lambda: v2({**tensor, "shape": [1.0, 1, 32, 32]}),
+            "v2 inputs an object": lambda: c.post(f"/v2/models/{name}/infer", json={"inputs": tensor}),
+            "v2 outputs a string": lambda: c.post(f"/v2/models/{name}/infer", json={"inputs": [tensor], "outputs": "logits"}),
+            "v2 binary_data a string": lambda: c.post(f"/v2/models/{name}/infer", json={
+                "inputs": [tensor], "outputs": [{"name": "logits", "parameters": {"binary_data": "yes"}}]}),
+            "v2 id a number": lambda: c.post(f"/v2/models/{name}/infer", json={"id": 5, "inputs": [tensor]}),
+            "v2 values past float32": lambda: v2({**tensor, "data": [1e39] * 1024}),
+            # finite float32 inputs, far outside any image's range: the logits overflow to NaN (was: bare NaN in the JSON)
+            "v2 finite input the model overflows on": lambda: v2({**tensor, "data": [3e38, -3e38] * 512}),
         }[kind]
         response = send()
         assert response.status_code == status, response.text
-        body = response.json()
+        body = json.loads(response.text, parse_constant=lambda token: pytest.fail(f"{token} is not JSON"))
         if kind.startswith("v2"):  # the v2 protocol's error body, which tritonclient reads
             assert set(body) == {"error", "code"} and body["code"] == code and body["error"]
         else:
@@ -405,6 +437,9 @@ def test_a_stuck_backend_turns_the_server_unready_and_requests_end_by_their_dead
         ready = c.get("/readyz")
         assert ready.status_code == 503 and "backend" in ready.json()["reason"]
         assert c.get("/v2/health/ready").status_code == 503
+        name = app.state.serving.model_name
+        model_ready = c.get(f"/v2/models/{name}/ready")  # was 200 {"ready": false}: tritonclient read it as ready
+        assert model_ready.status_code == 503 and model_ready.json() == {"name": name, "ready": False}
         queued = c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")})  # behind the stuck call
         assert queued.status_code == 503 and queued.json()["code"] == "overloaded"
         release.set()  # the backend comes back: ready again, and answering
@@ -413,6 +448,7 @@ def test_a_stuck_backend_turns_the_server_unready_and_requests_end_by_their_dead
         while c.get("/readyz").status_code != 200 and time.time() < deadline:
             time.sleep(0.05)
         assert c.get("/readyz").status_code == 200
+        assert c.get(f"/v2/models/{name}/ready").json() == {"name": name, "ready": True}
         assert c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")}).status_code == 200
 
 
@@ -425,3 +461,34 @@ def test_inference_routes_are_counted_under_their_own_route_label(client):
     assert any('route="/predict"' in line and 'status="200"' in line for line in lines)
     assert any('route="/v2/models/{name}/infer"' in line for line in lines)
     assert not any('route="unmatched"' in line for line in lines)
+
+
+@pytest.mark.parametrize("path, content_type", [("/predict", "image/png"), ("/predict", "multipart/form-data; boundary=x"),
+                                                ("/v2/models/{name}/infer", "application/json")])
+def test_a_client_hanging_up_mid_body_is_counted_499_not_a_server_failure(package_dir, caplog, path, content_type):
+    import asyncio
+
+    app = create_app(package_dir)
+    with TestClient(app) as c:
+        name = c.get("/v1/model").json()["name"]
+        messages = [{"type": "http.request", "body": b"--x\r\nContent-Disposition: form-data; name=\"files\"; fil", "more_body": True},
+                    {"type": "http.disconnect"}]
+        scope = {"type": "http", "method": "POST", "path": path.format(name=name), "raw_path": b"", "query_string": b"",
+                 "headers": [(b"content-type", content_type.encode()), (b"content-length", b"100000")],
+                 "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5), "root_path": ""}
+        sent = []
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        with caplog.at_level("ERROR"):
+            asyncio.run(app(scope, receive, send))
+        metrics = c.get("/metrics").text
+    assert sent == []  # nobody to answer
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # was: a traceback, "POST /predict failed"
+    route = path if "{name}" in path else "/predict"
+    assert metric_value(metrics, "cskd_http_requests_total", f'{{method="POST",route="{route}",status="499"}}') == 1
+    assert 'status="500"' not in metrics

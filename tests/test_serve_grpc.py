@@ -134,12 +134,14 @@ def test_bad_requests_get_a_status_code_and_the_server_keeps_serving(package_dir
         assert client.infer(name, [infer_input(one)]).as_numpy("logits").shape == (1, 10)  # still serving
 
 
-def test_the_api_key_guards_model_rpcs_but_not_health(package_dir):
+def test_the_api_key_guards_every_rpc_but_health(package_dir):
     http, app, client = served(package_dir, api_key="s3cret")
     with http:
         name = app.state.serving.model_name
         assert client.is_server_live() and client.is_server_ready()
         assert status_of(lambda: client.get_model_metadata(name)) == "StatusCode.UNAUTHENTICATED"
+        assert status_of(lambda: client.get_server_metadata()) == "StatusCode.UNAUTHENTICATED"  # as GET /v2
+        assert client.get_server_metadata(headers={"authorization": "Bearer s3cret"}).name == "cskd"
         one = infer_input(np.zeros((1, 1, 32, 32), np.float32))
         assert status_of(lambda: client.infer(name, [one], headers={"authorization": "Bearer wrong"})) == "StatusCode.UNAUTHENTICATED"
         assert client.infer(name, [one], headers={"authorization": "Bearer s3cret"}).as_numpy("logits").shape == (1, 10)
@@ -180,3 +182,13 @@ def test_grpc_calls_are_counted_in_the_prometheus_metrics(package_dir):
         ok = counted(text, route="ModelInfer", method="grpc", status="OK")
         missing = counted(text, route="ModelInfer", method="grpc", status="NOT_FOUND")
         assert ok == 3 and missing == 1
+
+
+def test_a_message_over_the_size_limit_is_refused_and_counted(package_dir):
+    """gRPC's core refused it before any handler ran, so the refusal never reached the request counters."""
+    http, app, client = served(package_dir, max_images=64, max_body_bytes=100_000)
+    with http:
+        name = app.state.serving.model_name
+        big = infer_input(np.zeros((30, 1, 32, 32), np.float32))  # 122,880 bytes of tensor
+        assert status_of(lambda: client.infer(name, [big])) == "StatusCode.RESOURCE_EXHAUSTED"
+        assert counted(http.get("/metrics").text, route="ModelInfer", method="grpc", status="RESOURCE_EXHAUSTED") == 1

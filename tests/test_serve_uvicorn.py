@@ -4,6 +4,8 @@ schemathesis run with no 5xx."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from cskd.loadtest import run_load
 from cskd.runtime.package import read_package
 from cskd.runtime.predict import predict_files
 from cskd.runtime.preprocess import decode_image, to_engine_input
-from tests.test_serve_app import png_bytes, val_png_files
+from tests.test_serve_app import metric_value, png_bytes, val_png_files
 
 API_KEY = "test-key"
 
@@ -31,9 +33,10 @@ def server(trained_run, tmp_path_factory):
     package = tmp_path_factory.mktemp("uvicorn") / "pkg"
     export_model(trained_run, ExportOptions(out=package, parity_images=100), log=lambda _: None)
     port, grpc_port = free_port(), free_port()
+    log = package.parent / "server.log"  # what the server printed: the hostile-client test reads it
     proc = subprocess.Popen([sys.executable, "-m", "cskd", "serve", str(package), "--port", str(port), "--grpc-port", str(grpc_port),
                              "--max-wait-ms", "5", "--api-key", API_KEY, "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -43,7 +46,7 @@ def server(trained_run, tmp_path_factory):
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError(f"cskd serve exited: {proc.stdout.read()}")
+            raise RuntimeError(f"cskd serve exited: {log.read_text()}")
         time.sleep(0.5)
     else:
         proc.kill()
@@ -121,7 +124,7 @@ def test_tritonclient_health_metadata_config_and_readable_errors(server):
     client = triton_client(base)
     auth = {"Authorization": f"Bearer {API_KEY}"}
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name, headers=auth)
-    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data", "model_configuration"]
+    assert client.get_server_metadata(headers=auth)["extensions"] == ["binary_tensor_data", "model_configuration"]
     metadata = client.get_model_metadata(name, headers=auth)
     assert metadata["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 1, 32, 32]}
     assert client.get_model_config(name, headers=auth)["platform"] == "onnxruntime_onnx"
@@ -159,7 +162,7 @@ def test_a_second_server_on_the_same_grpc_port_fails_clearly(server, tmp_path):
 @pytest.fixture(scope="module")
 def api_schema(server):
     base, *_ = server
-    return schemathesis.openapi.from_url(base + "/openapi.json")
+    return schemathesis.openapi.from_url(base + "/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"})
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
@@ -171,3 +174,136 @@ def test_openapi_fuzzing_never_gives_a_5xx(case):
     case.headers = {**(case.headers or {}), "Authorization": f"Bearer {API_KEY}"}
     response = case.call(timeout=30)
     assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:300]}"
+
+
+def as_grpc_request(body, model: str):
+    """The v2 JSON request ``body`` as a gRPC ModelInferRequest, or None where protobuf's types cannot hold it
+    (a number as a name, a shape past int64...): what a gRPC client could have sent for the same request."""
+    from tritonclient.grpc import service_pb2
+
+    from cskd.serve.grpc_service import CONTENTS
+
+    def flat(values):
+        return [x for v in values for x in flat(v)] if isinstance(values, list) else [values]
+
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not isinstance(body.get("id", ""), str):
+        return None
+    request = service_pb2.ModelInferRequest(model_name=model, id=body.get("id", ""))
+    try:
+        for entry in body["inputs"]:
+            tensor = request.inputs.add(name=entry["name"], datatype=entry["datatype"], shape=entry["shape"])
+            if entry.get("data") is not None:
+                getattr(tensor.contents, CONTENTS[entry["datatype"]]).extend(flat(entry["data"]))
+        for output in body.get("outputs") or []:
+            request.outputs.add(name=output["name"])
+    except (KeyError, TypeError, ValueError, AttributeError):  # a value protobuf's typed fields refuse
+        return None
+    return request
+
+
+infer_operation = schemathesis.pytest.from_fixture("api_schema").include(path_regex=r"^/v2/models/\{name\}/infer$", method="POST")
+
+
+@infer_operation.parametrize()
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+def test_generated_v2_requests_get_a_4xx_over_http_and_grpc_never_a_server_failure(case, server):
+    """Positive and negative bodies from the request schema (wrong types in every field: a list as
+    datatype, strings as shape...), at the real model's name, over HTTP; then the same request over
+    gRPC where protobuf's types can hold it."""
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    base, package, grpc_url = server
+    name = read_package(package).name
+    case.path_parameters = {**(case.path_parameters or {}), "name": name}
+    case.headers = {**(case.headers or {}), "Authorization": f"Bearer {API_KEY}"}
+    response = case.call(timeout=30)
+    assert response.status_code < 500, f"{case.body!r:.300}: {response.status_code} {response.text[:300]}"
+    request = as_grpc_request(case.body, name)
+    if request is None:
+        return
+    with grpc.insecure_channel(grpc_url) as channel:
+        try:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, metadata=[("authorization", f"Bearer {API_KEY}")], timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), f"{request}: {exc.details()}"
+
+
+def hang_up(base: str, head: bytes, body: bytes, pause_s: float = 0.0) -> None:
+    """Send ``head`` and ``body`` over a raw connection, then reset it without reading the answer."""
+    import socket
+    import struct
+
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head)
+        if body:
+            sock.sendall(body)
+        time.sleep(pause_s)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, as a crashed client
+
+
+def slow_post(base: str, path: str, body: bytes, content_type: str, chunks: int = 8, pause_s: float = 0.05) -> int:
+    """POST ``body`` in ``chunks`` with pauses between them; the answer's status."""
+    def pieces():
+        step = -(-len(body) // chunks)
+        for i in range(0, len(body), step):
+            time.sleep(pause_s)
+            yield body[i : i + step]
+
+    response = httpx.post(base + path, content=pieces(), timeout=30,
+                          headers={"Content-Type": content_type, "Content-Length": str(len(body)), "Authorization": f"Bearer {API_KEY}"})
+    return response.status_code
+
+
+def test_hostile_clients_leave_no_5xx_no_traceback_and_an_empty_queue(server):
+    """Clients that hang up mid-body and mid-response, slow senders, and gRPC calls with deadlines too short
+    to meet under load: every client that waits gets an answer, nothing is counted as a server failure,
+    nothing is logged as one, and the queue is empty afterwards."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    base, package, grpc_url = server
+    name = read_package(package).name
+    image = png_bytes(3)
+    auth = f"Authorization: Bearer {API_KEY}\r\n".encode()
+    tensor = np.zeros((4, 1, 32, 32), np.float32)
+    v2_json = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(tensor.shape),
+                                      "data": tensor.ravel().tolist()}]}).encode()
+    for path, content_type, body in [("/predict", "image/png", image), (f"/v2/models/{name}/infer", "application/json", v2_json),
+                                     ("/predict", "multipart/form-data; boundary=xx", b"--xx\r\nContent-Disposition: form-data")]:
+        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body) + 5000}\r\n").encode() + auth + b"\r\n"
+        hang_up(base, head, body[: len(body) // 2], pause_s=0.05)  # mid-body
+        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n").encode() + auth + b"\r\n"
+        hang_up(base, head, body)  # a whole request, then gone before the answer
+    assert slow_post(base, "/predict", image, "image/png") == 200
+    assert slow_post(base, f"/v2/models/{name}/infer", v2_json, "application/json") == 200
+
+    request = service_pb2.ModelInferRequest(model_name=name)
+    request.inputs.add(name="input", datatype="FP32", shape=list(tensor.shape))
+    request.raw_input_contents.append(tensor.tobytes())
+    metadata = [("authorization", f"Bearer {API_KEY}")]
+    with grpc.insecure_channel(grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        calls = [stub.ModelInfer.future(request, metadata=metadata, timeout=timeout)
+                 for timeout in [0.001, 0.003, 0.01, 30.0] * 25]  # 100 at once: the short ones expire queued or running
+        codes = [call.code() for call in calls]  # each waits for its call's end
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+    assert codes.count(grpc.StatusCode.OK) >= 25  # every call with time to wait was answered
+
+    auth_header = {"Authorization": f"Bearer {API_KEY}"}
+    deadline = time.time() + 10
+    while time.time() < deadline:  # the server finishes what the leavers left behind
+        metrics = httpx.get(base + "/metrics", headers=auth_header).text
+        if metric_value(metrics, "cskd_queue_depth_images") == 0:
+            break
+        time.sleep(0.2)
+    statuses = [line for line in metrics.splitlines() if line.startswith("cskd_http_requests_total{")]
+    failures = [line for line in statuses if re.search(r'status="(5\d\d|INTERNAL|UNKNOWN)"', line)]
+    assert not failures and metric_value(metrics, "cskd_queue_depth_images") == 0
+    assert any('status="499"' in line for line in statuses)  # the hang-ups, counted as such
+    assert "Traceback" not in (package.parent / "server.log").read_text()
+    assert httpx.post(base + "/predict", content=image, headers={**auth_header, "Content-Type": "image/png"}).status_code == 200

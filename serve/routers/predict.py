@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from cskd import __version__
 from cskd.runtime.postprocess import top_k as top_k_labels
@@ -73,7 +74,7 @@ async def _read_images(request: Request, serving: Serving) -> tuple[List[bytes],
     if content_type.startswith("multipart/form-data"):
         try:
             form = await request.form(max_files=limit + 1, max_part_size=serving.settings.max_body_bytes)
-        except APIError:
+        except (APIError, ClientDisconnect):
             raise
         except Exception as exc:  # malformed multipart, too many parts
             detail = str(getattr(exc, "detail", exc))
@@ -122,6 +123,9 @@ async def predict(request: Request) -> Response:
     if not 1 <= k <= serving.settings.max_top_k:
         raise invalid(f"top_k must be between 1 and {serving.settings.max_top_k}, got {k}")
     logits = await serving.classify(images)
+    if not np.isfinite(logits).all():  # decoded images are in range: only a broken engine gets here
+        raise APIError(500, "non_finite_output", "the model's logits for these images are not finite; the engine is "
+                       "broken (re-export the package, and check its parity figures in /v1/model)")
     results = top_k_labels(np.asarray(logits), k, serving.package.classes)
     body = {"model": serving.model_name, "version": __version__, "predictions": [{"top": top} for top in results]}
-    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+    return Response(json.dumps(body, separators=(",", ":"), allow_nan=False), media_type="application/json")
