@@ -44,8 +44,8 @@ def snapshot(pid: int, url: str) -> dict:
     values = {}
     for name in ("cskd_inference_duration_seconds_sum", "cskd_inference_duration_seconds_count",
                  "cskd_batch_size_images_sum", "cskd_batch_size_images_count", "cskd_images_total"):
-        match = re.search(rf"^{name} ([0-9.e+-]+)$", metrics, re.M)
-        values[name] = float(match.group(1)) if match else 0.0
+        # every model's series summed (one model here); labelled series print as name{model="..."} value
+        values[name] = sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", metrics, re.M))
     return {"cpu_s": cpu, "rss_kb": rss, **values}
 
 

@@ -65,7 +65,8 @@ PY
 chmod -R a+rX "$work"
 free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 port=$(free_port); grpc_port=$(free_port)
-MODEL_DIR="$work/model" CSKD_IMAGE=cskd-serve:ci API_PORT=$port GRPC_PORT=$grpc_port \
+# The package watched by itself as its shadow teacher on every image: the two must agree on all of them.
+MODEL_DIR="$work/model" TEACHER_DIR="$work/model" SHADOW_RATE=1.0 CSKD_IMAGE=cskd-serve:ci API_PORT=$port GRPC_PORT=$grpc_port \
   podman-compose -p "$project" -f docker/compose.yaml up -d api > "$work/up.log" 2>&1 || { cat "$work/up.log"; exit 1; }
 stamp "stack up"
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/readyz" > /dev/null && break; sleep 0.5; done
@@ -80,6 +81,17 @@ got = [p["top"][0]["label"] for p in json.loads(sys.argv[1])["predictions"]]
 want = [r["top"][0]["label"] for r in json.loads(sys.argv[2])]
 assert got == want, f"container answered {got}, cskd predict {want}"
 print(f"[container stage] /predict in the container agrees with cskd predict: {got}")
+PY
+for _ in $(seq 40); do
+  shadow=$(curl -sf "http://127.0.0.1:$port/v1/shadow")
+  python3 -c "import json, sys; s = json.loads(sys.argv[1])['samples']; sys.exit(s['agree'] + s['disagree'] < 3)" "$shadow" && break
+  sleep 0.5
+done
+python3 - "$shadow" <<'PY'
+import json, sys
+report = json.loads(sys.argv[1])
+assert report["samples"] == {"agree": 3, "disagree": 0, "dropped": 0, "failed": 0}, report["samples"]
+print(f"[container stage] the shadow teacher in the container judged 3 of 3 images: agreement {report['window']['agreement']}")
 PY
 model=$(curl -sf "http://127.0.0.1:$port/v1/model")
 python3 - "$grpc_port" "$model" <<'PY'

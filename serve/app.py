@@ -10,7 +10,8 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Awaitable, Callable, List, Sequence, Tuple
 
 import numpy as np
 from fastapi import FastAPI
@@ -21,38 +22,64 @@ from starlette.responses import Response
 from starlette.routing import compile_path
 
 from cskd import __version__
+from cskd.errors import CSKDError
 from cskd.runtime.backends import BackendOptions, create_backend
+from cskd.runtime.package import NamedPackage, resolve_packages
 from cskd.serve.batcher import DynamicBatcher
 from cskd.serve.errors import APIError, error_response, install_handlers, response_for
 from cskd.serve.metrics import create_metrics
 from cskd.serve.parsing import parse_count
-from cskd.serve.routers import docs, health, kserve, model, predict
+from cskd.serve.routers import docs, health, kserve, model, predict, shadow
 from cskd.serve.settings import ServeSettings
-from cskd.serve.state import Serving
+from cskd.serve.shadow import create_shadow
+from cskd.serve.state import ServedModel, Serving
 
 logger = logging.getLogger("cskd.serve")
+
+
+def _load(entry: NamedPackage, serving: Serving) -> ServedModel:
+    """One package's engine, warmed up at the batch sizes it will run, behind its own batcher (in a thread)."""
+    settings, metrics = serving.settings, serving.metrics
+    # No spinning: idle onnxruntime threads would otherwise burn the cores the event loop,
+    # the decoders, the next batch and the other models need.
+    options = BackendOptions(threads=settings.threads, spin=False, providers=settings.providers)
+    backend, package = create_backend(entry.folder, settings.backend, options)
+    spec, max_batch = package.input, package.batch_limit(settings.max_batch)
+    for batch in sorted({1, max_batch}):  # a first call per shape allocates and picks kernels
+        backend.infer(np.zeros((batch, spec.channels, spec.size, spec.size), dtype=np.uint8 if spec.dtype == "uint8" else np.float32))
+    batch_size, seconds = metrics.batch_size.labels(entry.name), metrics.inference_seconds.labels(entry.name)
+    batcher = DynamicBatcher(backend.infer, max_batch, settings.max_wait_ms, settings.max_queue,
+                             on_batch=lambda size, took: (batch_size.observe(size), seconds.observe(took)),
+                             on_queue=metrics.queue_depth.labels(entry.name).set, stall_after_s=settings.request_timeout_s)
+    return ServedModel(entry.name, package, settings, metrics, batcher, backend.name, max_batch)
+
+
+def _shadow_entry(settings: ServeSettings, served: List[NamedPackage]) -> NamedPackage:
+    """``--shadow``: a served model's name, or a package folder of its own (not served to clients)."""
+    by_name = {entry.name: entry for entry in served}
+    if settings.shadow in by_name:
+        return by_name[settings.shadow]
+    if not Path(settings.shadow).exists():
+        raise CSKDError(f"--shadow {settings.shadow}: neither a served model ({', '.join(by_name)}) nor a package folder; "
+                        "pass the teacher's package (cskd export RUN --teacher) or the name of one served here")
+    return resolve_packages([settings.shadow])[0]
 
 
 def _lifespan(serving: Serving):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         settings = serving.settings
-        # No spinning: idle onnxruntime threads would otherwise burn the cores the event loop,
-        # the decoders and the next batch need.
-        options = BackendOptions(threads=settings.threads, spin=False, providers=settings.providers)
-        backend, package = await run_in_threadpool(create_backend, settings.model_dir, settings.backend, options)
-        spec, max_batch = package.input, package.batch_limit(settings.max_batch)
-        for batch in sorted({1, max_batch}):  # a first call per shape allocates and picks kernels
-            warm = np.zeros((batch, spec.channels, spec.size, spec.size), dtype=np.uint8 if spec.dtype == "uint8" else np.float32)
-            await run_in_threadpool(backend.infer, warm)
-        metrics = serving.metrics
-        serving.batcher = DynamicBatcher(
-            backend.infer, max_batch, settings.max_wait_ms, settings.max_queue,
-            on_batch=lambda size, seconds: (metrics.batch_size.observe(size), metrics.inference_seconds.observe(seconds)),
-            on_queue=metrics.queue_depth.set, stall_after_s=settings.request_timeout_s,
-        )
-        serving.batcher.start()
-        serving.package, serving.backend_name, serving.max_batch, serving.ready = package, backend.name, max_batch, True
+        entries = resolve_packages(settings.packages)
+        for entry in entries:
+            model = await run_in_threadpool(_load, entry, serving)
+            model.batcher.start()
+            serving.models[entry.name] = model
+        if settings.shadow:
+            shadow = await run_in_threadpool(create_shadow, serving.default, _shadow_entry(settings, entries), settings,
+                                             serving.metrics)
+            shadow.start()
+            serving.default.on_answer, serving.shadow = shadow.offer, shadow
+        serving.ready = True
         grpc_server = None
         if settings.grpc_port:
             from cskd.serve.grpc_service import start_grpc_server  # grpcio: only when a gRPC port is asked for
@@ -64,7 +91,10 @@ def _lifespan(serving: Serving):
             serving.ready = False
             if grpc_server is not None:
                 await grpc_server.stop(grace=5)
-            await serving.batcher.close()  # answer everything already accepted
+            for model in serving.models.values():
+                await model.batcher.close()  # answer everything already accepted
+            if serving.shadow is not None:
+                await run_in_threadpool(serving.shadow.stop)
 
     return lifespan
 
@@ -130,14 +160,20 @@ class MetricsMiddleware:
             self.metrics.request_seconds.labels(route).observe(time.perf_counter() - start)
 
 
-def create_app(model_dir: str = "", **settings: Any) -> FastAPI:
-    """The inference service for one model package; ``settings`` are :class:`ServeSettings` fields.
+def create_app(model_dir: str | Sequence[str] = "", **settings: Any) -> FastAPI:
+    """The inference service for one model package, or several (each under its own name); ``settings``
+    are :class:`ServeSettings` fields.
 
     Example::
 
         app = create_app("runs/demo/export-onnx-fp32", max_batch=16)
+        app = create_app(["runs/demo/export-onnx-int8", "runs/demo/export-teacher-onnx-fp32"],
+                         shadow="teacher-regnety_016", shadow_rate=0.05)
         uvicorn.run(app)
     """
+    if isinstance(model_dir, (list, tuple)):
+        settings["model_dirs"] = [str(m) for m in model_dir]
+        model_dir = ""
     config = ServeSettings(model_dir=str(model_dir) if model_dir else ServeSettings().model_dir, **settings)
     serving = Serving(settings=config, metrics=create_metrics())
     app = FastAPI(title="cskd inference", version=__version__, lifespan=_lifespan(serving),
@@ -151,7 +187,8 @@ def create_app(model_dir: str = "", **settings: Any) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(MetricsMiddleware, metrics=serving.metrics)
-    for router in (health.router, predict.router, model.router, kserve.router, kserve.server, kserve.models, docs.router):
+    for router in (health.router, predict.router, model.router, shadow.router, kserve.router, kserve.server, kserve.models,
+                   docs.router):
         app.include_router(router)
     return app
 

@@ -27,7 +27,7 @@ from cskd.errors import CSKDError
 from cskd.serve import v2_model
 from cskd.serve.errors import APIError, too_large
 from cskd.serve.security import check_api_key
-from cskd.serve.state import Serving, admitted
+from cskd.serve.state import ServedModel, Serving, admitted
 from cskd.serve.v2_protocol import ProtocolError, Tensor, check_tensor_header, tensor_from_bytes, tensor_from_values
 
 # HTTP status of an APIError -> the gRPC code Triton answers the same failure with
@@ -84,11 +84,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def _authorization(self, context: grpc.aio.ServicerContext) -> str:
         return dict(context.invocation_metadata() or ()).get("authorization", "")
 
-    def _model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> Serving:
-        """The serving state for a model RPC: admitted as HTTP's inference routes are, name and version this server's."""
-        serving = admitted(self.serving, self._authorization(context))
-        v2_model.check_model(serving, name, version)
-        return serving
+    def _model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> ServedModel:
+        """The model a model RPC names: admitted as HTTP's inference routes are, name and version served here."""
+        return v2_model.served_model(admitted(self.serving, self._authorization(context)), name, version)
 
     @_rpc
     async def ServerLive(self, request, context):
@@ -108,31 +106,36 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         check_api_key(self.serving.settings.api_key, self._authorization(context))
         if not self.serving.ready:
             return service_pb2.ModelReadyResponse(ready=False)
-        v2_model.check_model(self.serving, request.name, request.version)
-        return service_pb2.ModelReadyResponse(ready=self.serving.serviceable)
+        model = v2_model.served_model(self.serving, request.name, request.version)
+        return service_pb2.ModelReadyResponse(ready=model.serviceable)
+
+    @_rpc
+    async def RepositoryIndex(self, request, context):
+        serving = admitted(self.serving, self._authorization(context))
+        index = [entry for entry in v2_model.repository_index(serving) if not request.ready or entry["state"] == "READY"]
+        return json_format.ParseDict({"models": index}, service_pb2.RepositoryIndexResponse())
 
     @_rpc
     async def ModelMetadata(self, request, context):
-        serving = self._model(request.name, request.version, context)
-        return json_format.ParseDict(v2_model.model_metadata(serving), service_pb2.ModelMetadataResponse())
+        model = self._model(request.name, request.version, context)
+        return json_format.ParseDict(v2_model.model_metadata(model), service_pb2.ModelMetadataResponse())
 
     @_rpc
     async def ModelConfig(self, request, context):
-        serving = self._model(request.name, request.version, context)
-        config = json_format.ParseDict(v2_model.triton_config(serving), model_config_pb2.ModelConfig())
+        model = self._model(request.name, request.version, context)
+        config = json_format.ParseDict(v2_model.triton_config(model), model_config_pb2.ModelConfig())
         return service_pb2.ModelConfigResponse(config=config)
 
     @_rpc
     async def ModelInfer(self, request, context):
-        serving = self._model(request.model_name, request.model_version, context)
-        size, limit = request.ByteSize(), serving.settings.max_body_bytes
+        model = self._model(request.model_name, request.model_version, context)
+        size, limit = request.ByteSize(), model.settings.max_body_bytes
         if size > limit:  # refused here rather than by gRPC's core, so that it is counted (see start_grpc_server)
             raise too_large(f"request of {size} bytes exceeds the limit of {limit} bytes")
-        rows = v2_model.input_rows(serving, input_tensors(request))
+        rows = v2_model.input_rows(model, input_tensors(request))
         outputs = v2_model.wanted_outputs([output.name for output in request.outputs])
-        response = service_pb2.ModelInferResponse(model_name=serving.model_name, model_version=serving.package.version,
-                                                  id=request.id)
-        for name, array in await v2_model.infer(serving, rows, outputs):
+        response = service_pb2.ModelInferResponse(model_name=model.name, model_version=model.package.version, id=request.id)
+        for name, array in await v2_model.infer(model, rows, outputs):
             response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
             response.raw_output_contents.append(array.astype("<f4", copy=False).tobytes())
         return response

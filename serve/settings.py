@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CSKD_SERVE_", protected_namespaces=())
 
-    model_dir: str = Field("", description="model package folder (model.json + engine)")
+    model_dir: str = Field("", description="model package folder (model.json + engine), or a folder of packages "
+                           "(a Triton model repository); NAME=PATH serves it under NAME")
+    model_dirs: List[str] = Field(default_factory=list, description="several packages (or folders of them), served "
+                                  "each under its own name; the first answers /predict unless ?model= says otherwise")
     backend: Optional[str] = Field(None, description="onnxruntime | tensorrt | torch (default: the package's own)")
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
@@ -35,6 +38,34 @@ class ServeSettings(BaseSettings):
     max_top_k: int = 100
     api_key: Optional[str] = Field(None, description="require 'Authorization: Bearer KEY' (health endpoints exempt)")
     cors_origins: List[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
+    # The shadow teacher (serve/shadow.py): a share of the student's requests also run through the teacher,
+    # off the student's path, and their agreement is measured.
+    shadow: Optional[str] = Field(None, description="the teacher that watches the first model: the name of a served "
+                                  "model or a package folder (served too)")
+    shadow_rate: float = Field(0.05, ge=0, le=1, description="share of the student's images the teacher also classifies")
+    shadow_alert: Optional[float] = Field(None, ge=0, le=1, description="log a warning when the window's agreement falls "
+                                          "below this")
+    shadow_window: int = Field(1000, ge=10, description="samples the agreement is computed over")
+    shadow_queue: int = Field(64, ge=1, description="sampled images waiting for the teacher at most; more are dropped "
+                              "and counted")
+    shadow_threads: int = Field(1, ge=1, description="CPU threads of the shadow teacher (run at the lowest priority)")
+    shadow_url: Optional[str] = Field(None, description="run the shadow teacher on a remote KServe v2 gRPC endpoint "
+                                      "(host:port, another cskd serve or Triton) instead of here")
+    shadow_capture: Optional[str] = Field(None, description="write every disagreeing input as an image into this folder "
+                                          "(with index.jsonl): the next round's transfer set; off by default")
+    shadow_capture_max_images: int = Field(10_000, ge=1)
+    shadow_capture_max_bytes: int = Field(1 << 30, ge=1024)
+
+    @field_validator("shadow", mode="before")
+    @classmethod
+    def _shadow_off(cls, value: Optional[str]) -> Optional[str]:
+        """``off``, ``none`` or empty turn the shadow teacher off (what a compose file's variable can say)."""
+        return None if value is None or str(value).strip().lower() in ("", "off", "none") else value
+
+    @property
+    def packages(self) -> List[str]:
+        """Every package reference given, in order (``model_dir`` first)."""
+        return [*([self.model_dir] if self.model_dir else []), *self.model_dirs]
 
     @model_validator(mode="after")
     def _grpc_port_is_its_own(self) -> "ServeSettings":

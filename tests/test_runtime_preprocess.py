@@ -72,3 +72,41 @@ def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped():
     served = decode_image(buf.getvalue(), 1, 32)[0]
     assert np.abs(served.astype(int) - np.round(gradient / 257.0)).max() <= 1
     assert len(np.unique(served)) > 200  # a clipped image would hold two values
+
+
+def spec(**fields):
+    from cskd.runtime.package import InputSpec
+
+    values = dict(name="input", dtype="float32", layout="NCHW", channels=1, size=32, mean=[0.286], std=[0.353])
+    return InputSpec(**{**values, **fields})
+
+
+def test_pixels_come_back_exactly_from_a_float_or_uint8_engine_input():
+    from cskd.runtime.preprocess import to_pixels
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 3, 8, 8), dtype=np.uint8)
+    for dtype in ("float32", "uint8"):
+        encoded = to_engine_input(pixels, dtype, [0.1, 0.5, 0.9], [0.2, 0.3, 0.4])
+        assert np.array_equal(to_pixels(encoded, dtype, [0.1, 0.5, 0.9], [0.2, 0.3, 0.4]), pixels)
+
+
+def test_an_engine_input_converts_to_another_spec_as_pil_would_make_it():
+    from cskd.runtime.preprocess import convert_engine_input
+
+    gray = np.random.default_rng(1).integers(0, 256, (2, 1, 32, 32), dtype=np.uint8)
+    source = spec()
+    target = spec(channels=3, size=48, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3], resize="bilinear")
+    converted = convert_engine_input(to_engine_input(gray, "float32", source.mean, source.std), source, target)
+    expected = np.stack([np.asarray(Image.fromarray(g[0], mode="L").convert("RGB").resize((48, 48), Image.BILINEAR))
+                         .transpose(2, 0, 1) for g in gray])  # the reference: PIL on the pixels themselves
+    assert converted.shape == (2, 3, 48, 48)
+    assert np.allclose(converted, to_engine_input(expected, "float32", target.mean, target.std), atol=1e-5)
+    back_to_gray = convert_engine_input(converted, target, spec(dtype="uint8"))  # 3 -> 1 by PIL's luma, then raw pixels
+    assert back_to_gray.dtype == np.uint8 and back_to_gray.shape == (2, 1, 32, 32)
+
+
+def test_inputs_of_other_crops_cannot_be_converted():
+    from cskd.runtime.preprocess import conversion_problem
+
+    assert conversion_problem(spec(), spec(channels=3, size=224)) == ""
+    assert "cannot be restored" in conversion_problem(spec(), spec(crop_pct=0.875))

@@ -50,12 +50,20 @@ def val_png_files(folder, count: int):
     return paths
 
 
-def metric_value(text: str, name: str, labels: str = "") -> float:
+def metric_series(text: str, name: str, **labels: str) -> list:
+    """The values of every ``name`` series in Prometheus text whose labels include ``labels``."""
+    values = []
     for line in text.splitlines():
-        if line.startswith(name + (labels if labels else "")) and not line.startswith("#"):
-            if labels or line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        series, _, value = line.rpartition(" ")
+        metric, _, label_text = series.partition("{")
+        if metric == name and all(f'{key}="{wanted}"' in label_text for key, wanted in labels.items()):
+            values.append(float(value))
+    return values
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the ``name`` series whose labels include ``labels`` (0 when there is none)."""
+    return sum(metric_series(text, name, **labels))
 
 
 def test_predict_multipart_equals_cskd_predict(client, package_dir, tmp_path):
@@ -92,19 +100,19 @@ def test_concurrent_requests_are_batched(package_dir):
         calls = metric_value(text, "cskd_batch_size_images_count")
         images = metric_value(text, "cskd_batch_size_images_sum")
         assert images >= 32 and calls < images  # fewer inference calls than images: batches above 1
-        assert metric_value(text, "cskd_batch_size_images_bucket", '{le="1.0"}') < calls
+        assert metric_value(text, "cskd_batch_size_images_bucket", le="1.0") < calls
 
 
 def test_overload_answers_503_with_retry_after_then_recovers(package_dir):
     app = create_app(package_dir, max_queue=2, max_images=2, max_batch=1, max_wait_ms=0)
     with TestClient(app) as c:
-        backend_infer = app.state.serving.batcher.infer
+        backend_infer = app.state.serving.default.batcher.infer
 
         def slow(batch):
             time.sleep(0.2)
             return backend_infer(batch)
 
-        app.state.serving.batcher.infer = slow
+        app.state.serving.default.batcher.infer = slow
         image = png_bytes(4)
         with ThreadPoolExecutor(12) as pool:
             responses = list(pool.map(lambda _: c.post("/predict", files={"files": ("x.png", image, "image/png")}), range(12)))
@@ -112,7 +120,7 @@ def test_overload_answers_503_with_retry_after_then_recovers(package_dir):
         assert 503 in codes and 200 in codes
         refused = next(r for r in responses if r.status_code == 503)
         assert refused.headers["retry-after"] == "1" and refused.json()["code"] == "overloaded"
-        app.state.serving.batcher.infer = backend_infer
+        app.state.serving.default.batcher.infer = backend_infer
         assert c.post("/predict", files={"files": ("x.png", image, "image/png")}).status_code == 200
 
 
@@ -357,14 +365,14 @@ def test_a_failing_backend_answers_json_500_and_the_server_keeps_working(package
     app = create_app(package_dir)
     with TestClient(app, raise_server_exceptions=False) as c:
         name = c.get("/v1/model").json()["name"]
-        real = app.state.serving.batcher.infer
-        app.state.serving.batcher.infer = lambda batch: (_ for _ in ()).throw(RuntimeError("device lost"))
+        real = app.state.serving.default.batcher.infer
+        app.state.serving.default.batcher.infer = lambda batch: (_ for _ in ()).throw(RuntimeError("device lost"))
         broken = c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")})
         assert broken.status_code == 500 and broken.json()["code"] == "internal_error" and "device lost" in broken.json()["message"]
         tensor = {"name": "input", "shape": [1, 1, 32, 32], "datatype": "FP32", "data": [0.0] * 1024}
         v2 = c.post(f"/v2/models/{name}/infer", json={"inputs": [tensor]})
         assert v2.status_code == 500 and "device lost" in v2.json()["error"]  # readable by tritonclient
-        app.state.serving.batcher.infer = real
+        app.state.serving.default.batcher.infer = real
         assert c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")}).status_code == 200
 
 
@@ -427,8 +435,8 @@ def test_a_stuck_backend_turns_the_server_unready_and_requests_end_by_their_dead
     app = create_app(package_dir, request_timeout_s=0.5)
     release = threading.Event()
     with TestClient(app) as c:
-        real = app.state.serving.batcher.infer
-        app.state.serving.batcher.infer = lambda batch: (release.wait(20), real(batch))[1]
+        real = app.state.serving.default.batcher.infer
+        app.state.serving.default.batcher.infer = lambda batch: (release.wait(20), real(batch))[1]
         started = time.perf_counter()
         stuck = c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")})
         elapsed = time.perf_counter() - started
@@ -437,13 +445,13 @@ def test_a_stuck_backend_turns_the_server_unready_and_requests_end_by_their_dead
         ready = c.get("/readyz")
         assert ready.status_code == 503 and "backend" in ready.json()["reason"]
         assert c.get("/v2/health/ready").status_code == 503
-        name = app.state.serving.model_name
+        name = app.state.serving.default.name
         model_ready = c.get(f"/v2/models/{name}/ready")  # was 200 {"ready": false}: tritonclient read it as ready
         assert model_ready.status_code == 503 and model_ready.json() == {"name": name, "ready": False}
         queued = c.post("/predict", files={"files": ("x.png", png_bytes(), "image/png")})  # behind the stuck call
         assert queued.status_code == 503 and queued.json()["code"] == "overloaded"
         release.set()  # the backend comes back: ready again, and answering
-        app.state.serving.batcher.infer = real
+        app.state.serving.default.batcher.infer = real
         deadline = time.time() + 5
         while c.get("/readyz").status_code != 200 and time.time() < deadline:
             time.sleep(0.05)
@@ -490,5 +498,5 @@ def test_a_client_hanging_up_mid_body_is_counted_499_not_a_server_failure(packag
     assert sent == []  # nobody to answer
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # was: a traceback, "POST /predict failed"
     route = path if "{name}" in path else "/predict"
-    assert metric_value(metrics, "cskd_http_requests_total", f'{{method="POST",route="{route}",status="499"}}') == 1
+    assert metric_value(metrics, "cskd_http_requests_total", method="POST", route=route, status="499") == 1
     assert 'status="500"' not in metrics

@@ -48,14 +48,14 @@ def test_tritonclient_grpc_metadata_config_and_inference_match_the_engine_and_ht
 
     http, app, client = served(package_dir)
     with http:
-        name = app.state.serving.model_name
+        name = app.state.serving.default.name
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
         assert list(client.get_server_metadata().extensions) == ["binary_tensor_data", "model_configuration"]
         meta = client.get_model_metadata(name, as_json=True)
         assert meta == {**http.get(f"/v2/models/{name}").json(), "inputs": meta["inputs"], "outputs": meta["outputs"]}
         assert meta["inputs"][0]["shape"] == ["-1", "1", "32", "32"]  # int64 travels as strings in protobuf JSON
         config = client.get_model_config(name).config
-        assert config.max_batch_size == app.state.serving.max_batch and list(config.input[0].dims) == [1, 32, 32]
+        assert config.max_batch_size == app.state.serving.default.max_batch and list(config.input[0].dims) == [1, 32, 32]
 
         x = np.random.default_rng(0).standard_normal((3, 1, 32, 32)).astype(np.float32)
         result = client.infer(name, [infer_input(x)], request_id="r7")
@@ -77,7 +77,7 @@ def test_typed_contents_are_accepted_like_raw_bytes(package_dir):
 
     http, app, client = served(package_dir)
     with http:
-        name = app.state.serving.model_name
+        name = app.state.serving.default.name
         x = np.random.default_rng(1).standard_normal((2, 1, 32, 32)).astype(np.float32)
         request = service_pb2.ModelInferRequest(model_name=name)
         entry = request.inputs.add(name="input", datatype="FP32", shape=[2, 1, 32, 32])
@@ -103,7 +103,7 @@ def test_bad_requests_get_a_status_code_and_the_server_keeps_serving(package_dir
 
     http, app, client = served(package_dir, max_images=4, max_body_bytes=100_000)
     with http:
-        name = app.state.serving.model_name
+        name = app.state.serving.default.name
         one = np.zeros((1, 1, 32, 32), np.float32)
 
         def raw_request(data: bytes):
@@ -137,7 +137,7 @@ def test_bad_requests_get_a_status_code_and_the_server_keeps_serving(package_dir
 def test_the_api_key_guards_every_rpc_but_health(package_dir):
     http, app, client = served(package_dir, api_key="s3cret")
     with http:
-        name = app.state.serving.model_name
+        name = app.state.serving.default.name
         assert client.is_server_live() and client.is_server_ready()
         assert status_of(lambda: client.get_model_metadata(name)) == "StatusCode.UNAUTHENTICATED"
         assert status_of(lambda: client.get_server_metadata()) == "StatusCode.UNAUTHENTICATED"  # as GET /v2
@@ -151,14 +151,14 @@ def test_a_stuck_backend_answers_deadline_exceeded_and_turns_unready(package_dir
     http, app, client = served(package_dir, request_timeout_s=0.5)
     release = threading.Event()
     with http:
-        name = app.state.serving.model_name
-        real = app.state.serving.batcher.infer
-        app.state.serving.batcher.infer = lambda batch: (release.wait(20), real(batch))[1]
+        name = app.state.serving.default.name
+        real = app.state.serving.default.batcher.infer
+        app.state.serving.default.batcher.infer = lambda batch: (release.wait(20), real(batch))[1]
         one = infer_input(np.zeros((1, 1, 32, 32), np.float32))
         assert status_of(lambda: client.infer(name, [one])) == "StatusCode.DEADLINE_EXCEEDED"
         assert not client.is_server_ready() and not client.is_model_ready(name)
         release.set()
-        app.state.serving.batcher.infer = real
+        app.state.serving.default.batcher.infer = real
         assert client.infer(name, [one]).as_numpy("logits").shape == (1, 10)
         assert client.is_server_ready()
 
@@ -174,7 +174,7 @@ def counted(text: str, **labels: str) -> float:
 def test_grpc_calls_are_counted_in_the_prometheus_metrics(package_dir):
     http, app, client = served(package_dir)
     with http:
-        name = app.state.serving.model_name
+        name = app.state.serving.default.name
         for _ in range(3):
             client.infer(name, [infer_input(np.zeros((1, 1, 32, 32), np.float32))])
         status_of(lambda: client.infer("nope", [infer_input(np.zeros((1, 1, 32, 32), np.float32))]))
@@ -188,7 +188,7 @@ def test_a_message_over_the_size_limit_is_refused_and_counted(package_dir):
     """gRPC's core refused it before any handler ran, so the refusal never reached the request counters."""
     http, app, client = served(package_dir, max_images=64, max_body_bytes=100_000)
     with http:
-        name = app.state.serving.model_name
+        name = app.state.serving.default.name
         big = infer_input(np.zeros((30, 1, 32, 32), np.float32))  # 122,880 bytes of tensor
         assert status_of(lambda: client.infer(name, [big])) == "StatusCode.RESOURCE_EXHAUSTED"
         assert counted(http.get("/metrics").text, route="ModelInfer", method="grpc", status="RESOURCE_EXHAUSTED") == 1

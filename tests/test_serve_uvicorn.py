@@ -23,7 +23,7 @@ from cskd.loadtest import run_load
 from cskd.runtime.package import read_package
 from cskd.runtime.predict import predict_files
 from cskd.runtime.preprocess import decode_image, to_engine_input
-from tests.test_serve_app import metric_value, png_bytes, val_png_files
+from tests.test_serve_app import metric_series, png_bytes, val_png_files
 
 API_KEY = "test-key"
 
@@ -298,12 +298,12 @@ def test_hostile_clients_leave_no_5xx_no_traceback_and_an_empty_queue(server):
     deadline = time.time() + 10
     while time.time() < deadline:  # the server finishes what the leavers left behind
         metrics = httpx.get(base + "/metrics", headers=auth_header).text
-        if metric_value(metrics, "cskd_queue_depth_images") == 0:
+        if metric_series(metrics, "cskd_queue_depth_images") == [0.0]:
             break
         time.sleep(0.2)
     statuses = [line for line in metrics.splitlines() if line.startswith("cskd_http_requests_total{")]
     failures = [line for line in statuses if re.search(r'status="(5\d\d|INTERNAL|UNKNOWN)"', line)]
-    assert not failures and metric_value(metrics, "cskd_queue_depth_images") == 0
+    assert not failures and metric_series(metrics, "cskd_queue_depth_images", model=name) == [0.0]
     assert any('status="499"' in line for line in statuses)  # the hang-ups, counted as such
     assert "Traceback" not in (package.parent / "server.log").read_text()
     assert httpx.post(base + "/predict", content=image, headers={**auth_header, "Content-Type": "image/png"}).status_code == 200

@@ -6,16 +6,20 @@ import argparse
 import json
 import os
 import socket
-from pathlib import Path
 
 from cskd.errors import CSKDError
-from cskd.runtime.package import read_package
+from cskd.runtime.package import resolve_packages
 
 DEFAULT_GRPC_PORT = 8001  # Triton's and KServe's
 
 EXAMPLES = """\
 examples:
   cskd serve runs/demo/export-onnx-fp32                       # http://127.0.0.1:8000/docs, gRPC on :8001
+  cskd serve runs/demo/export-onnx-int8 runs/demo/export-teacher-onnx-fp32   # two models, each under its own name
+  cskd serve models/triton                                    # every package of a folder (a Triton repository)
+  cskd serve int8=runs/demo/export-onnx-int8 fp32=runs/demo/export-onnx-fp32 # NAME=PATH: one run's two exports
+  cskd serve runs/demo/export-onnx-int8 --shadow runs/demo/export-teacher-onnx-fp32 --shadow-rate 0.05 \\
+      --shadow-alert 0.85 --shadow-capture runs/captured    # watched by its teacher: GET /v1/shadow
   cskd serve models/demo --host 0.0.0.0 --port 8080 --grpc-port 8081 --workers 2 --api-key "$KEY"
   cskd serve models/demo --max-batch 32 --max-wait-ms 2 --max-queue 256   # hold batches open 2 ms to fill
   cskd serve models/demo --grpc-port 0 --access-log                 # HTTP only, one log line per request
@@ -28,7 +32,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="HTTP inference service (FastAPI): /predict, KServe v2, /metrics",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Serve a model package with dynamic batching.")
-    p.add_argument("model_dir", type=Path, nargs="?", metavar="MODEL_DIR", help="model package (or CSKD_SERVE_MODEL_DIR)")
+    p.add_argument("model_dirs", nargs="*", metavar="MODEL_DIR",
+                   help="model packages, folders of packages, or NAME=PATH (or CSKD_SERVE_MODEL_DIR); the first answers "
+                        "/predict unless ?model=NAME says otherwise")
     p.add_argument("--backend", help="onnxruntime, tensorrt or torch (default: the package's own)")
     p.add_argument("--host", help="bind address (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
@@ -46,6 +52,22 @@ def add_parser(sub) -> None:
     p.add_argument("--access-log", action="store_true", default=None, help="log one line per request (off by default: "
                                                                              "it costs CPU on every request)")
     p.add_argument("--log-level", default="info")
+    shadow = p.add_argument_group("shadow teacher", "the first model watched by its teacher on live traffic (GET /v1/shadow)")
+    shadow.add_argument("--shadow", metavar="NAME_OR_PKG", help="the teacher: a served model's name or a package folder")
+    shadow.add_argument("--shadow-rate", type=float, metavar="R", help="share of the student's images the teacher also "
+                                                                       "classifies (default 0.05)")
+    shadow.add_argument("--shadow-alert", type=float, metavar="A", help="log a warning when the agreement over the window "
+                                                                        "falls below A (e.g. 0.85)")
+    shadow.add_argument("--shadow-window", type=int, metavar="N", help="samples the agreement is computed over (default 1000)")
+    shadow.add_argument("--shadow-queue", type=int, metavar="N", help="sampled images waiting for the teacher at most; "
+                                                                      "more are dropped and counted (default 64)")
+    shadow.add_argument("--shadow-threads", type=int, metavar="N", help="CPU threads of the teacher, at the lowest "
+                                                                        "priority (default 1)")
+    shadow.add_argument("--shadow-url", metavar="HOST:PORT", help="run the teacher on a remote KServe v2 gRPC endpoint "
+                                                                  "(another cskd serve, or Triton); --shadow names its package")
+    shadow.add_argument("--shadow-capture", metavar="DIR", help="write every input the two disagree on as an image into "
+                                                                "DIR (with index.jsonl): user images, off by default")
+    shadow.add_argument("--shadow-capture-max-images", type=int, metavar="N", help="at most N captured images (default 10000)")
     p.set_defaults(func=run)
 
 
@@ -77,10 +99,14 @@ def run(args: argparse.Namespace) -> int:
     from cskd.serve.settings import ServeSettings
 
     given = {k: v for k, v in {
-        "model_dir": str(args.model_dir) if args.model_dir else None, "backend": args.backend, "host": args.host,
+        "model_dirs": args.model_dirs or None, "backend": args.backend, "host": args.host,
         "port": args.port, "grpc_port": args.grpc_port, "access_log": args.access_log, "workers": args.workers,
         "threads": args.threads, "providers": args.providers, "max_batch": args.max_batch,
-        "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue, "api_key": args.api_key}.items() if v is not None}
+        "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue, "api_key": args.api_key,
+        "shadow": args.shadow, "shadow_rate": args.shadow_rate, "shadow_alert": args.shadow_alert,
+        "shadow_window": args.shadow_window, "shadow_queue": args.shadow_queue, "shadow_threads": args.shadow_threads,
+        "shadow_url": args.shadow_url, "shadow_capture": args.shadow_capture,
+        "shadow_capture_max_images": args.shadow_capture_max_images}.items() if v is not None}
     if args.grpc_port is None and "CSKD_SERVE_GRPC_PORT" not in os.environ:
         given["grpc_port"] = DEFAULT_GRPC_PORT  # the command serves gRPC beside HTTP, as Triton does
     try:
@@ -89,19 +115,24 @@ def run(args: argparse.Namespace) -> int:
         first = exc.errors()[0] if hasattr(exc, "errors") else {"msg": str(exc), "loc": ()}
         where = ".".join(map(str, first.get("loc", ()))) or "settings"
         raise CSKDError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
-    if not settings.model_dir:
-        raise CSKDError("no model package given: pass MODEL_DIR or set CSKD_SERVE_MODEL_DIR")
-    package = read_package(settings.model_dir)  # fail in one line before uvicorn starts
+    entries = resolve_packages(settings.packages)  # fail in one line before uvicorn starts
+    if settings.shadow and settings.shadow not in {entry.name for entry in entries}:
+        resolve_packages([settings.shadow])
     if settings.grpc_port:
         check_port_free(settings.host, settings.grpc_port, "--grpc-port")
     for key, value in given.items():  # worker processes read their settings from the environment
         os.environ[f"CSKD_SERVE_{key.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
-    limit = package.batch_limit(settings.max_batch)
-    capped = f" (the engine's limit; asked {settings.max_batch})" if limit < settings.max_batch else ""
     window = f", each held {settings.max_wait_ms:g} ms to fill" if settings.max_wait_ms else " as soon as the engine is free"
     grpc = f", KServe v2 gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc_port else ""
-    print(f"cskd serve: {package.name} ({package.engine_format}/{package.precision}) on http://{settings.host}:{settings.port}"
-          f" (docs at /docs){grpc}, batching up to {limit} images{capped}{window}")
+    models = "; ".join(f"{e.name} ({e.package.engine_format}/{e.package.precision}, batches of up to "
+                       f"{e.package.batch_limit(settings.max_batch)})" for e in entries)
+    print(f"cskd serve: {models} on http://{settings.host}:{settings.port} (docs at /docs){grpc}; a batch runs{window}")
+    if settings.shadow:
+        where = (f" at {settings.shadow_url}" if settings.shadow_url
+                 else f" here on {settings.shadow_threads} thread(s) at the lowest priority")
+        capture = f", disagreements captured in {settings.shadow_capture}" if settings.shadow_capture else ""
+        print(f"  shadow teacher {settings.shadow}{where} watches {entries[0].name} on {settings.shadow_rate:.0%} of its images"
+              f"{capture}: GET /v1/shadow")
     uvicorn.run("cskd.commands.serve:create_app_from_env", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=args.log_level, access_log=settings.access_log,
                 timeout_graceful_shutdown=30)

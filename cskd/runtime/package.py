@@ -134,3 +134,40 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
             os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass
+class NamedPackage:
+    """A package as a server serves it: under ``name`` (its own, unless the command line gave another)."""
+
+    name: str
+    folder: Path
+    package: ModelPackage
+
+
+def resolve_packages(references: List[str]) -> List[NamedPackage]:
+    """The packages ``references`` name, in order: each a package folder, a folder of packages (a Triton
+    model repository: every subfolder with a model.json, sorted), or ``NAME=PATH`` to serve one under
+    another name. Two packages under one name are refused (two exports of one run share their name)."""
+    found: List[NamedPackage] = []
+    for reference in references:
+        name, _, path = reference.partition("=") if "=" in reference and not Path(reference).exists() else ("", "", reference)
+        folder = Path(path)
+        if not (folder / MODEL_JSON).is_file() and folder.is_dir() and not name:
+            folders = [p for p in sorted(folder.iterdir()) if (p / MODEL_JSON).is_file()]
+            for inner in folders:
+                package = read_package(inner)
+                found.append(NamedPackage(package.name, inner, package))
+            if folders:
+                continue
+        package = read_package(folder)
+        found.append(NamedPackage(name or package.name, folder, package))
+    seen: Dict[str, Path] = {}
+    for entry in found:
+        if entry.name in seen:
+            raise CSKDError(f"two packages are named {entry.name!r} ({seen[entry.name]} and {entry.folder}); serve one "
+                            f"under another name with NAME=PATH, e.g. {entry.name}-2={entry.folder}")
+        seen[entry.name] = entry.folder
+    if not found:
+        raise CSKDError("no model package given: pass MODEL_DIR or set CSKD_SERVE_MODEL_DIR")
+    return found

@@ -88,3 +88,41 @@ def to_engine_input(batch: np.ndarray, dtype: str, mean: Sequence[float], std: S
     mean_a = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     std_a = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     return np.ascontiguousarray((batch.astype(np.float32) / 255.0 - mean_a) / std_a, dtype=np.float32)
+
+
+def to_pixels(batch: np.ndarray, dtype: str, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """The inverse of :func:`to_engine_input`: engine input ``[N, C, H, W]`` -> uint8 pixels (rounded, clipped)."""
+    if dtype == "uint8":
+        return np.ascontiguousarray(batch, dtype=np.uint8)
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.clip(np.round((batch.astype(np.float32) * std_a + mean_a) * 255.0), 0, 255).astype(np.uint8)
+
+
+def conversion_problem(source, target) -> str:
+    """Why engine inputs of ``source``'s spec cannot be turned into ``target``'s (empty: they can). Both are
+    :class:`~cskd.runtime.package.InputSpec`. Pixels are recovered from the source's encoding, so the
+    channels may go 1 -> 3 (repeated) or 3 -> 1 (luma) and the size may change (resized); what the
+    source's crop cut away cannot come back, so the two crops must agree."""
+    if source.layout != target.layout:
+        return f"the layouts differ ({source.layout} against {target.layout})"
+    if abs(source.crop_pct - target.crop_pct) > 1e-6:
+        return (f"the student's input is a centre crop of {source.crop_pct:g} of the image and the teacher's of "
+                f"{target.crop_pct:g}: what one crop cut away cannot be restored for the other")
+    return ""
+
+
+def convert_engine_input(batch: np.ndarray, source, target) -> np.ndarray:
+    """Engine input of ``source``'s spec -> the same images as ``target``'s engine expects them: pixels
+    recovered, channels matched, resized with the target's interpolation, then encoded the target's way."""
+    pixels = to_pixels(batch, source.dtype, source.mean, source.std)
+    if pixels.shape[1] != target.channels:
+        mode = "L" if source.channels == 1 else "RGB"
+        converted = [np.asarray(Image.fromarray(image[0] if mode == "L" else image.transpose(1, 2, 0), mode=mode)
+                                .convert("L" if target.channels == 1 else "RGB")) for image in pixels]
+        pixels = np.stack([c[None] if target.channels == 1 else c.transpose(2, 0, 1) for c in converted])
+    if pixels.shape[2:] != (target.size, target.size):
+        resample = _RESAMPLE.get(target.resize, Image.BICUBIC)
+        pixels = np.stack([np.stack([np.asarray(Image.fromarray(channel).resize((target.size, target.size), resample))
+                                     for channel in image]) for image in pixels])
+    return to_engine_input(pixels, target.dtype, target.mean, target.std)

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from cskd.serve import v2_model
 from cskd.serve.security import require_api_key
-from cskd.serve.state import Serving, get_serving, serving_for
+from cskd.serve.state import ServedModel, Serving, get_serving, serving_for
 from cskd.serve.v2_model import bad_request
 from cskd.serve.v2_protocol import HEADER, InferenceRequest, ProtocolError, encode_response, inline_schema, parse_request
 
@@ -44,33 +44,36 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"ready": serving.serviceable}, status_code=200 if serving.serviceable else 503)
 
 
-async def served_model(request: Request, serving: Annotated[Serving, Depends(get_serving)]) -> Serving:
-    """Dependency: the serving state, once the path's model name (and version, if any) are this server's."""
-    v2_model.check_model(serving, request.path_params.get("name"), request.path_params.get("version"))
-    return serving
+@server.post("/repository/index", summary="Triton's model repository index: every served model and its state")
+async def repository_index(serving: Annotated[Serving, Depends(get_serving)]) -> list:
+    return v2_model.repository_index(serving)
 
 
-Model = Annotated[Serving, Depends(served_model)]
+async def served_model(request: Request, serving: Annotated[Serving, Depends(get_serving)]) -> ServedModel:
+    """Dependency: the model the path names (and its version, if any), else 404."""
+    return v2_model.served_model(serving, request.path_params.get("name"), request.path_params.get("version"))
+
+
+Model = Annotated[ServedModel, Depends(served_model)]
 
 
 @models.get("/{name}", summary="v2 model metadata", responses=_MODEL_ERRORS)
 @models.get("/{name}/versions/{version}", summary="v2 model metadata (one version)", responses=_MODEL_ERRORS)
-async def metadata(serving: Model) -> dict:
-    return v2_model.model_metadata(serving)
+async def metadata(model: Model) -> dict:
+    return v2_model.model_metadata(model)
 
 
 @models.get("/{name}/ready", summary="v2 model readiness", responses=_MODEL_ERRORS)
 @models.get("/{name}/versions/{version}/ready", summary="v2 model readiness (one version)", responses=_MODEL_ERRORS)
-async def model_ready(serving: Model) -> JSONResponse:
+async def model_ready(model: Model) -> JSONResponse:
     # the status tells (tritonclient's is_model_ready reads nothing else): not ready is 503, as for the server
-    return JSONResponse({"name": serving.model_name, "ready": serving.serviceable},
-                        status_code=200 if serving.serviceable else 503)
+    return JSONResponse({"name": model.name, "ready": model.serviceable}, status_code=200 if model.serviceable else 503)
 
 
 @models.get("/{name}/config", summary="Triton model configuration", responses=_MODEL_ERRORS)
 @models.get("/{name}/versions/{version}/config", summary="Triton model configuration (one version)", responses=_MODEL_ERRORS)
-async def config(serving: Model) -> dict:
-    return v2_model.triton_config(serving)
+async def config(model: Model) -> dict:
+    return v2_model.triton_config(model)
 
 
 _INFER_BODY = {"requestBody": {"required": True, "description": "v2 inference request JSON; with the binary tensor extension "
@@ -85,8 +88,7 @@ _INFER_BODY = {"requestBody": {"required": True, "description": "v2 inference re
              responses={**_MODEL_ERRORS, 400: {"description": "invalid request"}, 413: {"description": "too many images"}})
 async def infer(request: Request) -> Response:
     """Answered by ``InferenceLane`` (see ``app.py``): it reads its own key, state and path."""
-    serving = serving_for(request)
-    v2_model.check_model(serving, request.path_params["name"], request.path_params.get("version"))
+    model = v2_model.served_model(serving_for(request), request.path_params["name"], request.path_params.get("version"))
     body = await request.body()
     try:
         if len(body) > 64 * 1024:  # big JSON tensors take a while to parse: not on the event loop
@@ -95,8 +97,8 @@ async def infer(request: Request) -> Response:
             parsed = parse_request(body, request.headers.get(HEADER))
     except ProtocolError as exc:
         raise bad_request(str(exc)) from None
-    rows = v2_model.input_rows(serving, parsed.inputs)
+    rows = v2_model.input_rows(model, parsed.inputs)
     outputs = v2_model.wanted_outputs([name for name, _ in parsed.outputs or []])
-    computed = await v2_model.infer(serving, rows, outputs)
-    body, headers, media_type = encode_response(serving.model_name, serving.package.version, parsed, computed)
+    computed = await v2_model.infer(model, rows, outputs)
+    body, headers, media_type = encode_response(model.name, model.package.version, parsed, computed)
     return Response(body, media_type=media_type, headers=headers)

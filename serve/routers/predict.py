@@ -21,7 +21,7 @@ from cskd import __version__
 from cskd.runtime.postprocess import top_k as top_k_labels
 from cskd.serve.errors import APIError, invalid, too_large
 from cskd.serve.parsing import MalformedInput, load_json, parse_count
-from cskd.serve.state import Serving, decode_base64, serving_for
+from cskd.serve.state import ServedModel, decode_base64, serving_for
 
 router = APIRouter(tags=["predict"])  # the key is checked by serving_for
 
@@ -49,7 +49,9 @@ class PredictRequest(BaseModel):
 
 _REQUEST_BODY = {
     "parameters": [{"name": "top_k", "in": "query", "required": False, "description": "labels per image (default 5)",
-                    "schema": {"type": "integer", "minimum": 1}}],
+                    "schema": {"type": "integer", "minimum": 1}},
+                   {"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
+                    "description": "the served model to answer (default: the first one the server was given)"}],
     "requestBody": {
         "required": True,
         "content": {
@@ -66,7 +68,7 @@ _ERRORS = {code: {"description": text} for code, text in {
     415: "unsupported content type", 422: "invalid request", 503: "overloaded or not ready"}.items()}
 
 
-async def _read_images(request: Request, serving: Serving) -> tuple[List[bytes], Optional[int]]:
+async def _read_images(request: Request, serving: ServedModel) -> tuple[List[bytes], Optional[int]]:
     content_type = request.headers.get("content-type", "").lower()
     limit = serving.settings.max_images
     if content_type.startswith("image/"):
@@ -113,7 +115,7 @@ async def _read_images(request: Request, serving: Serving) -> tuple[List[bytes],
              responses=_ERRORS)
 async def predict(request: Request) -> Response:
     """Answered by ``InferenceLane`` (see ``app.py``): it reads its own query, key and state."""
-    serving = serving_for(request)
+    serving = serving_for(request).model(request.query_params.get("model"))
     raw_k = request.query_params.get("top_k")
     query_k = None if raw_k is None else parse_count(raw_k)
     if raw_k is not None and query_k is None:
@@ -127,5 +129,5 @@ async def predict(request: Request) -> Response:
         raise APIError(500, "non_finite_output", "the model's logits for these images are not finite; the engine is "
                        "broken (re-export the package, and check its parity figures in /v1/model)")
     results = top_k_labels(np.asarray(logits), k, serving.package.classes)
-    body = {"model": serving.model_name, "version": __version__, "predictions": [{"top": top} for top in results]}
+    body = {"model": serving.name, "version": __version__, "predictions": [{"top": top} for top in results]}
     return Response(json.dumps(body, separators=(",", ":"), allow_nan=False), media_type="application/json")
