@@ -82,7 +82,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", action="store_true",
                         help="the packaged demo config as it is (data, teacher, its cache, epochs); only the loss switched")
-    parser.add_argument("--teacher", help="the teacher run directory or checkpoint (not with --demo)")
+    parser.add_argument("--teacher", help="the teacher run directory or checkpoint (with --demo: instead of the packaged "
+                                          "teacher, cached once into --out)")
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--data-path")
     parser.add_argument("--epochs", type=int, help="epochs per run (default 6; with --demo, the demo's)")
@@ -108,6 +109,9 @@ def main() -> None:
         demo = load_config()
         args.data, args.epochs, cache = demo.data.name, args.epochs or demo.train.epochs, demo.teacher.cache
         common = [f"data.workers={args.workers}", f"train.epochs={args.epochs}", *args.extra]
+        if args.teacher:  # the demo's recipe distilled from another teacher (teacher_strength.py)
+            common.insert(0, f"teacher.checkpoint={args.teacher}")
+            cache = args.out / "teacher-cache"
     else:
         args.epochs = args.epochs or 6
         data = [f"data.name={args.data}", f"data.workers={args.workers}"] + ([f"data.path={args.data_path}"] if args.data_path else [])
@@ -118,7 +122,8 @@ def main() -> None:
     if args.threads:
         common.append(f"train.threads={args.threads}")
     started = time.time()
-    if not args.demo and not args.report and any(CACHED in METHODS[m] for m in args.methods) and not (cache / "manifest.json").exists():
+    if (args.teacher and not args.report and any(CACHED in METHODS[m] for m in args.methods)
+            and not (cache / "manifest.json").exists()):
         print("caching the teacher's dense targets", flush=True)
         if cskd("cache-teacher", [*common, "--out", str(cache)], args.out / "cache.log").wait() != 0:
             raise SystemExit(f"cskd cache-teacher failed; see {args.out / 'cache.log'}")

@@ -89,3 +89,24 @@ def test_cli_bench_exits_non_zero_on_a_failed_gate(packages, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "gate failed" in proc.stderr
     assert "speedup" in proc.stdout
+
+
+def test_agreement_with_the_teacher_is_the_share_of_images_both_classify_alike(packages, tmp_path):
+    import numpy as np
+
+    from cskd.evaluate import ModelInput, real_images
+    from cskd.runtime.backends import create_backend
+    from cskd.runtime.preprocess import to_engine_input
+
+    student, teacher = packages
+    result = run_bench([student], teacher, quick(tmp_path))
+    predicted = {}
+    for role, folder in (("student", student), ("teacher", teacher)):  # the expectation, from the engines directly
+        backend, package = create_backend(folder)
+        model_input = ModelInput(package.input.channels, package.input.size, len(package.classes), tuple(package.classes))
+        images, _ = real_images(folder, model_input, "val", 200)
+        spec = package.input
+        predicted[role] = backend.infer(to_engine_input(images, spec.dtype, spec.mean, spec.std)).argmax(1)
+    expected = 100.0 * float(np.mean(predicted["student"] == predicted["teacher"]))
+    rows = {r["role"]: r["agreement_with_teacher"] for r in result["rows"] if r["batch"] == 1}
+    assert rows == {"teacher": 100.0, "student": pytest.approx(expected)} and 0 < expected < 100
