@@ -12,9 +12,7 @@
 # OUT/<package>.<protocol>.c<N>.csv (perf_analyzer's own), then benchmarks/serve_perf_report.py prints
 # the table and writes OUT/perf_analyzer.json.
 #
-# perf_analyzer comes from the tritonclient 2.48.0 wheel (later wheels no longer carry it) with two
-# libraries beside it (libb64 from Debian, libcudart from PyPI: loaded, unused on a CPU); the first
-# run downloads them through this machine's own pip and apt configuration into PERF_ANALYZER_DIR.
+# perf_analyzer is put into PERF_ANALYZER_DIR on the first run (benchmarks/perf_analyzer_install.sh).
 set -euo pipefail
 out=${1:?usage: serve_perf_analyzer.sh OUT PACKAGE...}; shift
 [ $# -ge 1 ] || { echo "give at least one model package" >&2; exit 2; }
@@ -22,24 +20,10 @@ concurrency=${CONCURRENCY:-1 4 16 64}
 protocols=${PROTOCOLS:-http grpc}
 window=${WINDOW_MS:-3000}
 serve=${SERVE:-python3 -m cskd serve}
-tools=$(realpath -m "${PERF_ANALYZER_DIR:-.cache/perf_analyzer}")
 here=$(cd "$(dirname "$0")" && pwd)
-mkdir -p "$out" "$tools"
+mkdir -p "$out"
 
-if [ ! -x "$tools/perf_analyzer" ]; then
-  scratch=$(mktemp -d)
-  python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 -d "$scratch" tritonclient==2.48.0
-  python3 -m pip download -q --no-deps --only-binary=:all: -d "$scratch" "nvidia-cuda-runtime-cu12>=12,<13"
-  (cd "$scratch" && apt-get download libb64-0d > /dev/null 2>&1)
-  python3 -m zipfile -e "$scratch"/tritonclient-2.48.0-*.whl "$scratch/tc"
-  python3 -m zipfile -e "$scratch"/nvidia_cuda_runtime_cu12-*.whl "$scratch/cu"
-  dpkg -x "$scratch"/libb64-0d_*.deb "$scratch/b64"
-  mkdir -p "$tools/lib"
-  cp "$scratch"/tc/tritonclient-2.48.0.data/data/bin/perf_analyzer "$tools/"
-  chmod +x "$tools/perf_analyzer"
-  cp "$(find "$scratch/cu" -name 'libcudart.so.12' | head -1)" "$(find "$scratch/b64" -name 'libb64.so.0d' | head -1)" "$tools/lib/"
-  rm -rf "$scratch"
-fi
+tools=$(bash "$here/perf_analyzer_install.sh" "${PERF_ANALYZER_DIR:-.cache/perf_analyzer}")
 export LD_LIBRARY_PATH="$tools/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
