@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cskd.bench import BenchOptions, format_table, run_bench
 from cskd.export.formats import BuildContext, build_onnx
+from cskd.measure.bench import BenchOptions, format_table, run_bench
 from cskd.models import DeployModule, create_student, create_teacher, fuse_heads
 from cskd.runtime.package import InputSpec, ModelPackage, read_package, write_package_json
 

@@ -68,7 +68,7 @@ def cpu_per_wall(backend, spec, batch: int, seconds: float = 3.0) -> float:
 
 
 def report(out: Path, names: list, model: Path) -> None:
-    from cskd.bench_served import parse_hey
+    from cskd.measure.served import parse_hey
     from cskd.runtime.backends import create_backend
 
     backend, package = create_backend(model)

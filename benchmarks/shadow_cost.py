@@ -31,7 +31,7 @@ from typing import Dict, List
 import httpx
 import numpy as np
 
-from cskd.bench_served import ServedOptions, Server
+from cskd.measure.served import ServedOptions, Server
 from cskd.runtime.backends import create_backend
 from cskd.runtime.package import read_package
 from cskd.runtime.preprocess import to_engine_input

@@ -41,8 +41,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from cskd.bench_served import ServedOptions, Server
 from cskd.data.datasets import demo_arrays, fashion_mnist_arrays
+from cskd.measure.served import ServedOptions, Server
 
 BATCH = 32  # images per /predict request
 SHIFT_SCALE = (0.55, 0.75)

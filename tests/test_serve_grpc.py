@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from cskd.bench_served import free_port
 from cskd.export.exporter import ExportOptions, export_model
+from cskd.measure.served import free_port
 from cskd.serve.app import create_app
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the gRPC test needs tritonclient[grpc] (the dev extra)")

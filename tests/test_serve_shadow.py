@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from cskd.bench_served import free_port
 from cskd.errors import CSKDError
 from cskd.export.exporter import ExportOptions, export_model
+from cskd.measure.served import free_port
 from cskd.runtime.backends import create_backend
 from cskd.runtime.package import NamedPackage, read_package
 from cskd.runtime.preprocess import decode_image, to_engine_input

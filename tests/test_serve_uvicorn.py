@@ -17,9 +17,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from cskd.bench_served import free_port
 from cskd.export.exporter import ExportOptions, export_model
-from cskd.loadtest import run_load
+from cskd.measure.loadtest import run_load
+from cskd.measure.served import free_port
 from cskd.runtime.package import read_package
 from cskd.runtime.predict import predict_files
 from cskd.runtime.preprocess import decode_image, to_engine_input

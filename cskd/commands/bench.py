@@ -75,8 +75,8 @@ def as_package(path: Path, log: Callable[[str], None]) -> Path:
 def run(args: argparse.Namespace) -> int:
     if args.students[0] == "http":
         return run_http(args)
-    from cskd.bench import BenchOptions, format_table, run_bench  # the training stack: only for this command
-    from cskd.bench_served import ServedOptions, format_served
+    from cskd.measure.bench import BenchOptions, format_table, run_bench  # the training stack: only for this command
+    from cskd.measure.served import ServedOptions, format_served
 
     if args.teacher is None:
         raise CSKDError("cskd bench needs --teacher TEACHER_PACKAGE (or use `cskd bench http URL`)")
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 def run_http(args: argparse.Namespace) -> int:
     import asyncio
 
-    from cskd.loadtest import demo_image_png, format_load, run_load  # httpx: the serve extra
+    from cskd.measure.loadtest import demo_image_png, format_load, run_load  # httpx: the serve extra
 
     if len(args.students) != 2:
         raise CSKDError("usage: cskd bench http URL [--concurrency N] [--duration S]")

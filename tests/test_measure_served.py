@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from cskd.bench import run_bench
-from cskd.bench_served import ServedOptions, parse_hey, v2_binary_request
+from cskd.measure.bench import run_bench
+from cskd.measure.served import ServedOptions, parse_hey, v2_binary_request
 from cskd.serve.v2_protocol import parse_request
-from tests.test_bench import packages, quick  # noqa: F401  (the module's exported teacher and student)
+from tests.test_measure_bench import packages, quick  # noqa: F401  (the module's exported teacher and student)
 
 # hey 0.1.4's output (Debian's hey), trimmed of its histogram: 30 answers, 2 refused, 3 never answered
 HEY_OUTPUT = """
@@ -74,7 +74,7 @@ def test_served_bench_serves_every_package_and_reports_served_against_engine_spe
 
 
 def test_failed_served_requests_fail_the_bench_whatever_the_speedup():
-    from cskd.bench import BenchOptions, check_gates
+    from cskd.measure.bench import BenchOptions, check_gates
 
     engine = [{"model": m, "role": r, "batch": 1, "speedup_vs_teacher": x, "top1": None} for m, r, x in (("T", "teacher", 1.0),
                                                                                                          ("S", "student", 5.0))]

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-import cskd.bench
-from cskd.bench import BenchOptions, run_bench
+import cskd.measure.bench
 from cskd.export.exporter import ExportOptions, export_model
+from cskd.measure.bench import BenchOptions, run_bench
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def packages(trained_run, tmp_path_factory):
 
 def slow_down(monkeypatch, role: str, seconds: float) -> None:
     """Make every backend of ``role`` sleep before each call: a deliberately slow model."""
-    real = cskd.bench.create_backend
+    real = cskd.measure.bench.create_backend
 
     def create(folder, *args, **kwargs):
         backend, package = real(folder, *args, **kwargs)
@@ -32,7 +32,7 @@ def slow_down(monkeypatch, role: str, seconds: float) -> None:
             backend.infer = lambda batch: (time.sleep(seconds), infer(batch))[1]
         return backend, package
 
-    monkeypatch.setattr(cskd.bench, "create_backend", create)
+    monkeypatch.setattr(cskd.measure.bench, "create_backend", create)
 
 
 def quick(tmp_path, **kwargs) -> BenchOptions:

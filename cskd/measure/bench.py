@@ -16,11 +16,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from cskd.bench_served import ServedModel, ServedOptions, measure_served, served_rows
 from cskd.errors import CSKDError
 from cskd.evaluate import ModelInput, real_images
 from cskd.files import atomic_write_json
-from cskd.plots import plot_bench, plot_served
+from cskd.measure.plots import plot_bench, plot_served
+from cskd.measure.served import ServedModel, ServedOptions, measure_served, served_rows
 from cskd.progress import progress
 from cskd.runtime.backends import Backend, BackendOptions, create_backend, run_batched
 from cskd.runtime.package import ModelPackage

@@ -1,0 +1,58 @@
+"""PNG plots of what measurement measures: package latency and accuracy (``cskd bench``), engine
+against served speedups (``--served``), and the candidates of a plan (``cskd plan``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+from cskd.plots import pyplot, save_figure
+
+
+def plot_bench(result: Dict[str, Any], folder: Path) -> List[Path]:
+    """``latency.png`` (p50 against batch size) and ``accuracy_latency.png`` of a ``cskd bench`` result."""
+    plt = pyplot()
+    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in models:
+        rows = [r for r in result["rows"] if r["model"] == model]
+        ax.plot([r["batch"] for r in rows], [r["p50_ms"] for r in rows], marker="o", label=model)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="p50 latency (ms)", title="latency against batch size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [folder / "latency.png", folder / "accuracy_latency.png"]
+    save_figure(fig, paths[0])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    smallest = min(r["batch"] for r in result["rows"])
+    for r in (r for r in result["rows"] if r["batch"] == smallest and r["top1"] is not None):
+        ax.scatter(r["p50_ms"], r["top1"], s=60, marker="s" if r["role"] == "teacher" else "o")
+        ax.annotate(r["model"], (r["p50_ms"], r["top1"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set(xscale="log", xlabel=f"p50 latency at batch {smallest} (ms)", ylabel="top-1 (%)", title="accuracy against latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, paths[1])
+    return paths
+
+
+def plot_served(rows: List[Dict[str, Any]], path: Path) -> Path:
+    """``served.png``: each student's speedup over the teacher as its engine measures it and as served,
+    side by side per concurrency (the rows of a ``cskd bench --served`` result)."""
+    plt = pyplot()
+    students = [r for r in rows if r["role"] != "teacher"]
+    labels = [f"{r['model'].split(' (')[0]}\nc{r['concurrency']} (engine b{r['engine_batch']})" for r in students]
+    x = range(len(students))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(students)), 4))
+    ax.bar([i - 0.2 for i in x], [r["engine_speedup"] for r in students], 0.4, label="engine (cskd bench)")
+    ax.bar([i + 0.2 for i in x], [r["served_speedup"] for r in students], 0.4, label="served (cskd serve + hey)")
+    for i, r in zip(x, students):
+        ax.annotate(f"{100 * r['served_of_engine']:.0f}%", (i + 0.2, r["served_speedup"]), ha="center", fontsize=8,
+                    xytext=(0, 3), textcoords="offset points")
+    ax.set_xticks(list(x), labels, fontsize=8)
+    top = max(max(r["engine_speedup"], r["served_speedup"]) for r in students)
+    ax.set(ylabel="speedup over the teacher (x)", title="does the engine's win survive serving? (% kept)", ylim=(0, 1.3 * top))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
