@@ -18,19 +18,17 @@ import json
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
 
 from cskd.distributed import DistEnv, pick_device
 from cskd.engine import Normalization, StepContext, train_one_epoch
 from cskd.loss import CSKDLoss
+from cskd.measure.training import NoSchedule, images_per_second, random_cache, synthetic_batches
 from cskd.models import create_student, create_teacher
 from cskd.tasks import StudentTask
-from cskd.teacher_cache import CacheManifest, TeacherCache, shard_paths
 from cskd.teachers import CachedTeacher, LoadedTeacher, OnlineTeacher
 
 PRESETS = {
@@ -42,29 +40,6 @@ PRESETS = {
 MODES = ("cached", "online", "nokd")
 
 
-class _NoSchedule:
-    def step_update(self, num_updates: int) -> None:
-        pass
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def random_cache(folder: Path, count: int, classes: int, grid: tuple, topk: int | None) -> TeacherCache:
-    """A complete cache of random maps, laid out as `cskd cache-teacher` writes it."""
-    manifest = CacheManifest(teacher={"sha256": "random", "model": "random"}, data={"count": count, "fingerprint": "random"},
-                             image_size=0, grid=grid, num_classes=classes, topk=topk, shard_size=count, complete=True)
-    rng = np.random.default_rng(0)
-    width = topk or classes
-    np.save(shard_paths(folder, 0)[0], rng.standard_normal((count, width, *grid)).astype(np.float16))
-    if topk:
-        np.save(shard_paths(folder, 0)[1], rng.integers(0, classes, (count, topk, *grid)).astype(np.int16))
-    manifest.write(folder)
-    return TeacherCache(folder)
-
-
 def build_ctx(preset: dict, mode: str, device: torch.device, amp, teacher, cache) -> StepContext:
     torch.manual_seed(0)
     student = create_student(preset["student"], preset["num_classes"], preset["img_size"], preset["patch_size"],
@@ -74,20 +49,8 @@ def build_ctx(preset: dict, mode: str, device: torch.device, amp, teacher, cache
     criterion = CSKDLoss(torch.nn.CrossEntropyLoss(), deit_type=kd[0], cskd_type=kd[1])
     targets = {"cached": CachedTeacher(cache), "online": OnlineTeacher(teacher), "nokd": None}[mode]
     norm = Normalization((0.5,) * preset["in_chans"], (0.25,) * preset["in_chans"])
-    return StepContext(StudentTask(), student, targets, criterion, optimizer, _NoSchedule(), norm, DistEnv(0, 1, 0, device),
+    return StepContext(StudentTask(), student, targets, criterion, optimizer, NoSchedule(), norm, DistEnv(0, 1, 0, device),
                        amp_dtype=amp)
-
-
-def synthetic_batches(preset: dict, batch: int, steps: int, count: int, device: torch.device) -> list:
-    size = (batch, preset["in_chans"], preset["img_size"], preset["img_size"])
-    generator = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(steps):
-        low = torch.rand(batch, 2, generator=generator) * 0.3
-        meta = {"index": torch.randint(0, count, (batch,), generator=generator),
-                "box": torch.cat([low, low + 0.7], dim=1), "flip": torch.rand(batch, generator=generator) < 0.5}
-        batches.append((torch.rand(size, device=device), torch.randint(0, preset["num_classes"], (batch,), device=device), meta))
-    return batches
 
 
 def main() -> None:
@@ -112,18 +75,15 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="cskd-cache-bench-"))
     cache = random_cache(folder, count, preset["num_classes"], grid, 10 if preset["num_classes"] > 64 else None)
     contexts = {mode: build_ctx(preset, mode, device, amp, teacher, cache) for mode in MODES}
-    batches = synthetic_batches(preset, args.batch, args.steps, count, device)
+    batches = synthetic_batches(args.batch, args.steps, preset["in_chans"], preset["img_size"], preset["num_classes"], count,
+                                device)
 
     for ctx in contexts.values():  # warm-up (allocator, kernels, autotuning)
         train_one_epoch(ctx, batches[:3], 0, 3, 3 * args.steps)
     rates = {mode: [] for mode in MODES}
     for _ in range(args.rounds):
         for mode, ctx in contexts.items():
-            _sync(device)
-            start = time.perf_counter()
-            train_one_epoch(ctx, batches, 0, args.steps, args.steps)
-            _sync(device)
-            rates[mode].append(args.batch * args.steps / (time.perf_counter() - start))
+            rates[mode].append(images_per_second(ctx, batches))
 
     median = {mode: statistics.median(r) for mode, r in rates.items()}
     result = {

@@ -7,15 +7,15 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from cskd import __version__
-from cskd.commands import bench, cache_teacher, evaluate, export, gpu_check, predict, serve, train
+from cskd.commands import bench, cache_teacher, evaluate, export, gpu_check, plan, predict, serve, train
 from cskd.errors import CSKDError
 
-COMMANDS = (train, cache_teacher, evaluate, export, predict, serve, bench, gpu_check)
+COMMANDS = (train, cache_teacher, evaluate, export, predict, serve, bench, plan, gpu_check)
 
 
 # Commands whose KEY=VALUE overrides (a list of positionals) may stand before, between and after their
 # options: argparse's plain parsing ends the list at the first option and refuses what follows.
-INTERMIXED = ("train", "cache-teacher")
+INTERMIXED = ("train", "cache-teacher", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 Deployment-aware distillation starts here: the point of the student is to run much cheaper than
 its teacher, so ``cskd train`` reports both before the first epoch and warns when the student is
 not at least :data:`MIN_ADVANTAGE` times cheaper. FLOPs come from ``torch.utils.flop_counter``
-(matmuls and convolutions, 2 per multiply-add); latency is PyTorch eager on the CPU at batch 1,
+(matmuls, attention and convolutions, 2 per multiply-add); latency is PyTorch eager on the CPU at batch 1,
 the median of a few calls (an estimate: exported engines are faster, the ratio is what matters).
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Dict
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 MIN_ADVANTAGE = 2.0
 
@@ -63,13 +63,34 @@ class PairingReport:
         return out
 
 
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU one that scaled_dot_product_attention
+# runs here, and would count a ViT's attention matmuls as zero: count it with torch's own formula.
+_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
+def count_flops(model: nn.Module, input_shape: tuple) -> int:
+    """FLOPs of one forward pass of ``model`` (eval mode, CPU) on one image of ``input_shape`` (C, H, W),
+    as ``torch.utils.flop_counter`` counts them (matmuls, attention and convolutions, 2 per multiply-add)."""
+    model = model.eval().cpu()
+    counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION)
+    with torch.inference_mode(), counter:
+        model(torch.zeros(1, *input_shape))
+    return int(counter.get_total_flops())
+
+
 def measure_cost(model: nn.Module, input_shape: tuple, repeats: int = 7) -> Cost:
     """Parameters, FLOPs per image and median CPU latency of ``model`` (eval mode) at batch 1."""
     model = model.eval().cpu()
     x = torch.zeros(1, *input_shape)
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(x)
+    flops = count_flops(model, input_shape)
     times = []
     with torch.inference_mode():
         model(x)  # warm-up
@@ -77,7 +98,7 @@ def measure_cost(model: nn.Module, input_shape: tuple, repeats: int = 7) -> Cost
             start = time.perf_counter()
             model(x)
             times.append(time.perf_counter() - start)
-    return Cost(sum(p.numel() for p in model.parameters()), int(counter.get_total_flops()), 1000 * statistics.median(times))
+    return Cost(count_params(model), flops, 1000 * statistics.median(times))
 
 
 def compare(teacher_name: str, teacher: nn.Module, student_name: str, student: nn.Module, input_shape: tuple) -> PairingReport:

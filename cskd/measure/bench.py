@@ -96,7 +96,7 @@ def summarize(entries: List[Entry], options: BenchOptions) -> Dict:
             p50 = _percentile(times, 50)
             t50 = _percentile(teacher.latencies[batch_size], 50)
             rows.append({
-                "model": entry.label, "role": entry.role, "precision": entry.package.precision,
+                "model": entry.label, "role": entry.role, "folder": str(entry.folder), "precision": entry.package.precision,
                 "backend": entry.backend.name, "batch": batch_size,
                 "p50_ms": 1000 * p50, "p90_ms": 1000 * _percentile(times, 90), "p99_ms": 1000 * _percentile(times, 99),
                 "images_per_s": batch_size * len(times) / sum(times), "top1": entry.top1,

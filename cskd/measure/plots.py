@@ -10,7 +10,8 @@ from cskd.plots import pyplot, save_figure
 
 
 def plot_bench(result: Dict[str, Any], folder: Path) -> List[Path]:
-    """``latency.png`` (p50 against batch size) and ``accuracy_latency.png`` of a ``cskd bench`` result."""
+    """``latency.png`` (p50 against batch size) and, when top-1 was measured, ``accuracy_latency.png``
+    of a ``cskd bench`` result."""
     plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -23,9 +24,12 @@ def plot_bench(result: Dict[str, Any], folder: Path) -> List[Path]:
     fig.tight_layout()
     paths = [folder / "latency.png", folder / "accuracy_latency.png"]
     save_figure(fig, paths[0])
-    fig, ax = plt.subplots(figsize=(6, 4))
     smallest = min(r["batch"] for r in result["rows"])
-    for r in (r for r in result["rows"] if r["batch"] == smallest and r["top1"] is not None):
+    scored = [r for r in result["rows"] if r["batch"] == smallest and r["top1"] is not None]
+    if not scored:  # latency only (--eval-images 0): no accuracy to plot
+        return paths[:1]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in scored:
         ax.scatter(r["p50_ms"], r["top1"], s=60, marker="s" if r["role"] == "teacher" else "o")
         ax.annotate(r["model"], (r["p50_ms"], r["top1"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set(xscale="log", xlabel=f"p50 latency at batch {smallest} (ms)", ylabel="top-1 (%)", title="accuracy against latency")
@@ -56,3 +60,45 @@ def plot_served(rows: List[Dict[str, Any]], path: Path) -> Path:
     fig.tight_layout()
     save_figure(fig, path)
     return path
+
+
+def plot_plan(result: Dict[str, Any], path: Path) -> Path:
+    """``plan.png``: each candidate's batch-1 latency against its FLOPs (within budget filled, the
+    pick ringed), the teacher's point (or its latency as a line when its FLOPs are unknown) and the
+    budget's latency as a line (the rows of a ``cskd plan`` result)."""
+    plt = pyplot()
+    served = result["target"]["served"]
+    latency = lambda figures: figures["served_p50_ms"] if served else figures["p50_ms"]["1"]  # noqa: E731
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for c in result["candidates"]:
+        ax.scatter(c["flops"] / 1e9, latency(c), s=50, color="tab:green" if c["within_budget"] else "tab:gray",
+                   edgecolors="black" if c["label"] == result["pick"] else "none", linewidths=1.5)
+        ax.annotate(c["label"], (c["flops"] / 1e9, latency(c)), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    teacher = result["teacher"]
+    if teacher["flops"]:
+        ax.scatter(teacher["flops"] / 1e9, latency(teacher), s=70, marker="s", color="tab:red", label=teacher["label"])
+    else:
+        ax.axhline(latency(teacher), color="tab:red", linestyle=":", label=f"{teacher['label']} (FLOPs unknown)")
+    if result["budget"]["latency_ms"]:
+        ax.axhline(result["budget"]["latency_ms"], color="tab:blue", linestyle="--",
+                   label=f"budget {result['budget']['latency_ms']:.3g} ms")
+    target = result["target"]
+    ylabel = "served p50 at concurrency 1 (ms)" if served else "p50 latency at batch 1 (ms)"
+    ax.set(xscale="log", yscale="log", xlabel="GFLOPs per image (fused model)", ylabel=ylabel,
+           title=f"candidates on {target['backend']} {target['precision']} (green: within budget)")
+    for axis in (ax.xaxis, ax.yaxis):
+        _plain_log_ticks(axis)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
+
+
+def _plain_log_ticks(axis) -> None:
+    """Label a log axis 0.2, 0.5, 1, 2, 5... instead of matplotlib's crowded 2x10^-2 minor labels."""
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axis.set_major_formatter(plain)
+    axis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))

@@ -188,7 +188,7 @@ def served_rows(models: List[ServedModel], engine_rows: List[Dict]) -> List[Dict
             served = mine["p50_ms"] / summary["p50_ms"] if concurrency == 1 else summary["requests_per_s"] / mine["requests_per_s"]
             batch = max([b for b in batches if b <= concurrency] or batches[:1])
             engine = next(r["speedup_vs_teacher"] for r in engine_rows if r["model"] == model.label and r["batch"] == batch)
-            rows.append({"model": model.label, "role": model.role, "concurrency": concurrency, **summary,
+            rows.append({"model": model.label, "role": model.role, "folder": str(model.folder), "concurrency": concurrency, **summary,
                          "non_2xx": sum(run["non_2xx"] for run in runs), "served_speedup": served,
                          "engine_batch": batch, "engine_speedup": engine, "served_of_engine": served / engine})
     return rows

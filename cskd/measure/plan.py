@@ -1,0 +1,470 @@
+"""``cskd plan``: choose the student for a deployment target before training it.
+
+A student's latency does not depend on its trained weights, so each candidate is measured
+untrained, deployed exactly as it would be after training: built from the config with its
+overrides, saved as an untrained run directory (the config that trains it and its initial weights),
+exported from there by :func:`cskd.export.exporter.export_model` at the target's format and
+precision (the parity gate off: random weights have no accuracy to keep), and timed with the teacher
+in one interleaved ``cskd bench`` run (:func:`cskd.measure.bench.run_bench`). Beside its latency:
+parameters and FLOPs of the fused model (:func:`cskd.pairing.count_flops`) and the images/s of its
+training step on this machine (:mod:`cskd.measure.training`). A budget (batch-1 latency, or speedup
+over the teacher) marks the candidates that meet it; ``--proxy-epochs`` trains those for a few epochs
+and ranks them by accuracy; ``--train`` trains the pick with the full configuration.
+
+```
+OUT/plan.json, plan.png, plan.log    the table as JSON, latency against FLOPs, what the exports said
+OUT/untrained/LABEL/                 config.yaml (trains LABEL) and best.safetensors (its initial weights)
+OUT/packages/LABEL/, packages/teacher/    the model packages that were timed
+OUT/bench/                           the interleaved benchmark (bench.json, latency.png)
+OUT/proxy/LABEL/, OUT/train/LABEL/   --proxy-epochs and --train runs
+```
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from cskd.checkpoint import save_weights
+from cskd.config import Config, load_config
+from cskd.data.datasets import DatasetInfo, build_dataset
+from cskd.distributed import pick_device
+from cskd.errors import CSKDError, did_you_mean
+from cskd.export.exporter import ExportOptions, export_model
+from cskd.export.formats import PRECISIONS, check_export_args
+from cskd.files import atomic_write_json
+from cskd.measure.bench import BenchOptions, run_bench
+from cskd.measure.candidates import Candidate, default_family, label, train_command
+from cskd.measure.plots import plot_plan
+from cskd.measure.served import ServedOptions
+from cskd.measure.training import random_cache, training_rate
+from cskd.models import DenseTeacher
+from cskd.pairing import count_flops, count_params
+from cskd.progress import progress
+from cskd.run import RunDir, resolve_cache_reference
+from cskd.runtime.package import MODEL_JSON, read_package
+from cskd.tasks import get_task, load_trained
+from cskd.teacher_cache import TeacherCache, storage_topk
+from cskd.teachers import teacher_network
+from cskd.train import train
+
+# The target backend -> the export format that runs on it.
+BACKENDS = {"onnxruntime": "onnx", "openvino": "onnx", "tensorrt": "trt"}
+PARITY_IMAGES = 64  # the parity figures of an untrained package are recorded, not gated: a few images do
+NOTES = (
+    "weights: untrained (latency does not depend on them); the parity gate is off and model.json says so",
+    "training images/s: the real step (loss, optimiser, cached-teacher targets) on synthetic batches, data loading not timed",
+)
+
+
+@dataclass
+class PlanOptions:
+    config: Optional[str] = None  # YAML file or packaged recipe name; None: the packaged demo
+    overrides: Sequence[str] = ()  # key=value, as `cskd train` takes them
+    teacher: Optional[Path] = None  # a model package, run directory or checkpoint; None: the config's teacher
+    teacher_precision: str = "fp32"  # the config's teacher is exported at this precision
+    backend: str = "onnxruntime"  # the target runtime: onnxruntime | openvino | tensorrt
+    precision: str = "fp32"  # the candidates' precision: fp32 | fp16 | int8
+    batch_sizes: Sequence[int] = (1, 8)  # 1 is always measured: the budget is at batch 1
+    served: bool = False  # judge the budget behind `cskd serve` (hey at concurrency 1), as `cskd bench --served`
+    served_seconds: float = 5.0  # of load per package
+    max_latency_ms: Optional[float] = None  # budget: batch-1 p50 at most this
+    min_speedup: Optional[float] = None  # budget: batch-1 p50 at least this many times the teacher's
+    candidates: Sequence[Candidate] = ()  # empty: the default family (cskd.measure.candidates.default_family)
+    calib_images: int = 64  # int8: training images to calibrate each candidate on (the recipe as it is, no tuning)
+    rounds: int = 5  # interleaved benchmark rounds
+    iters: int = 20  # timed calls per model, batch size and round
+    train_steps: int = 10  # timed training steps per candidate (after 3 of warm-up)
+    threads: Optional[int] = None  # onnxruntime threads (default: all cores)
+    proxy_epochs: int = 0  # train every candidate within budget this many epochs and rank them by accuracy
+    train: bool = False  # then train the pick with the full configuration
+    out: Optional[Path] = None  # None: runs/plan-<timestamp>
+    show_progress: bool = True
+
+
+@dataclass
+class Planned:
+    """One candidate, built and exported: what the plan knows of it before timing."""
+
+    candidate: Candidate
+    label: str
+    config: Config  # the resolved config that trains it
+    overrides: List[str]  # what turns the user's config into that one
+    params: int  # of the fused (deployed) model
+    flops: int  # per image, fused model, batch 1
+    train_images_per_s: float
+    run_dir: Path
+    package: Path
+    measured: Dict[str, Any] = field(default_factory=dict)  # p50 per batch size, speedup, served figures, budget, proxy
+
+
+def check_options(options: PlanOptions) -> None:
+    """Every option in its allowed set or range, before any work."""
+    if options.backend not in BACKENDS:
+        raise CSKDError(f"--backend {options.backend} is not one of {', '.join(BACKENDS)}{did_you_mean(options.backend, BACKENDS)}")
+    for flag, precision in (("--precision", options.precision), ("--teacher-precision", options.teacher_precision)):
+        if precision not in PRECISIONS:
+            raise CSKDError(f"{flag} {precision} is not one of {', '.join(PRECISIONS)}{did_you_mean(precision, PRECISIONS)}")
+    if any(b < 1 for b in options.batch_sizes):
+        raise CSKDError(f"--batch-sizes takes positive numbers, got {list(options.batch_sizes)}")
+    for flag, value in (("--max-latency-ms", options.max_latency_ms), ("--min-speedup", options.min_speedup)):
+        if value is not None and value <= 0:
+            raise CSKDError(f"{flag} {value} is not a positive number; give the budget as, e.g., {flag} 4")
+    for flag, value, least in (("--rounds", options.rounds, 1), ("--iters", options.iters, 1), ("--train-steps", options.train_steps, 1),
+                               ("--calib-images", options.calib_images, 1), ("--proxy-epochs", options.proxy_epochs, 0)):
+        if value < least:
+            raise CSKDError(f"{flag} {value} is below {least}; pass a count of at least {least}")
+    check_export_args(BACKENDS[options.backend], options.precision, "float").preflight(None)  # e.g. no TensorRT here
+
+
+def plan(options: PlanOptions, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Build, export and time every candidate with the teacher; returns what ``plan.json`` holds."""
+    started = time.perf_counter()
+    check_options(options)
+    notes: List[str] = []
+    base = load_config(options.config, options.overrides, notes)
+    _check_proxy(base, options)
+    out = Path(options.out) if options.out else RunDir.default_path("plan")
+    out.mkdir(parents=True, exist_ok=True)
+    export_log = _file_log(out / "plan.log")
+    _, info = build_dataset(base.data.name, "val", base.data.path, base.data.channels)
+    candidates = list(options.candidates) or default_family(base.student.model, base.student.kwargs, base.student.img_size,
+                                                            base.student.patch_size)
+    cache = _training_cache(base, info, out)
+    planned: List[Planned] = []
+    with progress(len(candidates) + 1, "plan: build, time a training step, export", "model", options.show_progress) as bar:
+        for candidate in candidates:
+            planned.append(_prepare(candidate, options, base, info, cache, out, export_log))
+            bar.update(1)
+        teacher, teacher_net = _teacher_package(options, base, info, planned[0].run_dir, out, export_log)
+        teacher_cost = _cost(teacher_net, (info.channels, base.student.img_size, base.student.img_size))
+        bar.update(1)
+    bench = run_bench([p.package for p in planned], teacher, _bench_options(options, out), export_log)
+    teacher_figures = _record(planned, bench, options)
+
+    def write() -> Dict[str, Any]:  # after the measurement, and again after any training
+        result = _result(options, base, info, planned, teacher, teacher_cost, teacher_figures, notes, out)
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        atomic_write_json(out / "plan.json", result)
+        plot_plan(result, out / "plan.png")
+        return result
+
+    result = write()
+    if options.proxy_epochs:
+        _proxy(options, base, planned, out)
+        result = write()
+    if options.train:
+        trained = train_pick(options, result)
+        result = write()
+        result["trained"] = trained
+        atomic_write_json(out / "plan.json", result)
+    return result
+
+
+def _check_proxy(cfg: Config, options: PlanOptions) -> None:
+    """``--proxy-epochs`` trains from the cached teacher: refuse a config without one before any work."""
+    if options.proxy_epochs and get_task(cfg.train.target).distils(cfg) and not cfg.teacher.cache:
+        raise CSKDError("--proxy-epochs trains every candidate within budget from the cached teacher, and this config runs the "
+                        "teacher online (no teacher.cache); cache it once with `cskd cache-teacher` (the same config and "
+                        "overrides) and pass teacher.cache=ITS_FOLDER")
+
+
+def _file_log(path: Path) -> Callable[[str], None]:
+    """A log that appends lines to ``path``: what the exports and the benchmark say, kept off the console."""
+    def write(line: str) -> None:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+    return write
+
+
+def _training_cache(cfg: Config, info: DatasetInfo, out: Path) -> Optional[TeacherCache]:
+    """The teacher maps the training step reads: the config's cache, or random maps of the teacher's grid
+    (a run that caches its teacher reads maps of that shape; without distillation, none)."""
+    if not get_task(cfg.train.target).distils(cfg):
+        return None
+    if cfg.teacher.cache:
+        return TeacherCache(resolve_cache_reference(cfg.teacher.cache))
+    probe = torch.zeros(1, info.channels, cfg.student.img_size, cfg.student.img_size)
+    with torch.inference_mode():
+        grid = tuple(DenseTeacher(teacher_network(cfg, info)).eval()(probe)[0].shape[-2:])
+    return random_cache(out / "random-teacher-maps", 1024, info.num_classes, grid, storage_topk(info.num_classes, None))
+
+
+def candidate_config(options: PlanOptions, candidate: Candidate, base: Config, extra: Sequence[str] = ()) -> Tuple[Config, List[str]]:
+    """The config that trains ``candidate`` (the user's config and overrides, then the candidate's, then
+    ``extra``) and the overrides that make it from the user's config."""
+    overrides = candidate.overrides(base.student.img_size, base.student.patch_size)
+    return load_config(options.config, [*options.overrides, *overrides, *extra]), overrides
+
+
+def _prepare(candidate: Candidate, options: PlanOptions, base: Config, info: DatasetInfo, cache: Optional[TeacherCache],
+             out: Path, log: Callable[[str], None]) -> Planned:
+    """Build ``candidate`` untrained, save it as a run directory, measure its cost and export it."""
+    cfg, overrides = candidate_config(options, candidate, base)
+    task = get_task("student")
+    spec = task.spec(cfg, info)
+    torch.manual_seed(cfg.train.seed)
+    model = unshared(task.build(spec))
+    vit = task.network(model)
+    name = label(candidate, vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads, spec.patch_size)
+    run = RunDir(out / "untrained" / name)
+    cfg.output = str(run.path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.save_config(cfg)
+    save_weights(run.best, task.weights(model), spec, {"epoch": 0, "untrained": True})
+    params, flops = _cost(task.deployable(model), (spec.in_chans, spec.img_size, spec.img_size))
+    rate = training_rate(cfg, spec, cache, pick_device(cfg.train.device), options.train_steps)
+    log(f"== {name}: {cfg.student.model} {dict(cfg.student.kwargs)} patch {spec.patch_size}")
+    package, _ = export_model(run.path, _export_options(options, out / "packages" / name, options.precision), log)
+    return Planned(candidate, name, cfg, overrides, params, flops, rate, run.path, package)
+
+
+@torch.no_grad()
+def unshared(model: torch.nn.Module, scale: float = 1e-3) -> torch.nn.Module:
+    """``model`` with a little positive noise on every float tensor. Freshly initialised networks hold
+    many equal tensors (LayerNorm's ones, zero biases) that the ONNX exporter shares through Identity
+    nodes; trained weights never are equal, and the package timed must be the one a trained run exports."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            tensor.add_(scale * torch.rand_like(tensor))
+    return model
+
+
+def _export_options(options: PlanOptions, out: Path, precision: str, teacher: bool = False) -> ExportOptions:
+    """What ``cskd export`` is told for a planned package: the target's format and backend, ``precision``,
+    the gate off (nothing to keep in random weights) and, for int8, ``calib_images`` and no tuning
+    (the recipe as it is: a trained export's tuning may keep a few more nodes in float)."""
+    return ExportOptions(format=BACKENDS[options.backend], backend=options.backend, precision=precision, out=out,
+                         teacher=teacher, gate=False, parity_images=PARITY_IMAGES, calib_images=options.calib_images,
+                         tuning_images=0, force=True)
+
+
+def _cost(network: Optional[torch.nn.Module], shape: Tuple[int, int, int]) -> Tuple[Optional[int], Optional[int]]:
+    """Parameters and FLOPs per image of a deployable ``network`` (None: both unknown)."""
+    return (count_params(network), count_flops(network, shape)) if network is not None else (None, None)
+
+
+def _teacher_package(options: PlanOptions, cfg: Config, info: DatasetInfo, student_run: Path, out: Path,
+                     log: Callable[[str], None]) -> Tuple[Path, Optional[torch.nn.Module]]:
+    """The teacher's package and its deployable network (for its cost; None when unknown): ``--teacher``
+    (a package as it is; a run or checkpoint exported), else the config's teacher exported from a
+    candidate's run as ``cskd export RUN --teacher`` does, else (a config without a teacher checkpoint)
+    ``teacher.model`` with random weights."""
+    folder = out / "packages" / "teacher"
+    if options.teacher is not None:
+        given = Path(options.teacher)
+        exported = _export_options(options, folder, options.teacher_precision)
+        package = given if (given / MODEL_JSON).is_file() else export_model(given, exported, log)[0]
+        return package, _package_network(package)
+    if cfg.teacher.checkpoint:
+        package = export_model(student_run, _export_options(options, folder, options.teacher_precision, teacher=True), log)[0]
+        return package, teacher_network(cfg, info)
+    return _random_teacher(options, info, out, log)
+
+
+def _random_teacher(options: PlanOptions, info: DatasetInfo, out: Path, log: Callable[[str], None]) -> Tuple[Path, torch.nn.Module]:
+    """``teacher.model`` with random weights as a teacher run directory, exported (latency only)."""
+    teacher_cfg = load_config(options.config, [*options.overrides, "train.target=teacher", "student.init=null",
+                                               f"output={out / 'untrained' / 'teacher'}"])
+    task = get_task("teacher")
+    spec = task.spec(teacher_cfg, info)
+    network = unshared(task.build(spec))
+    run = RunDir(teacher_cfg.output)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.save_config(teacher_cfg)
+    save_weights(run.best, task.weights(network), spec, {"epoch": 0, "untrained": True})
+    package = export_model(run.path, _export_options(options, out / "packages" / "teacher", options.teacher_precision), log)[0]
+    return package, task.deployable(network)
+
+
+def _package_network(package: Path) -> Optional[torch.nn.Module]:
+    """The network a package was exported from, when its checkpoint is at hand and readable."""
+    source = read_package(package).source.get("checkpoint")
+    if not source or not Path(source).is_file():
+        return None
+    try:
+        return load_trained(source).deployable()
+    except CSKDError:  # a plain state dict (a teacher exported from its student's run): no spec to build it from
+        return None
+
+
+def _bench_options(options: PlanOptions, out: Path) -> BenchOptions:
+    served = ServedOptions(concurrency=(1,), seconds=options.served_seconds, threads=options.threads) if options.served else None
+    return BenchOptions(batch_sizes=sorted({1, *options.batch_sizes}), rounds=options.rounds, iters=options.iters,
+                        eval_images=0, threads=options.threads, out=out / "bench", served=served)
+
+
+def _record(planned: List[Planned], bench: Dict[str, Any], options: PlanOptions) -> Dict[str, Any]:
+    """Copy each package's benchmark figures onto its candidate, judge the budget; returns the teacher's."""
+    by_folder: Dict[str, Dict[str, Any]] = {}  # batch sizes as strings: the figures read the same from plan.json
+    for row in bench["rows"]:
+        figures = by_folder.setdefault(row["folder"], {"p50_ms": {}, "speedup": {}})
+        figures["p50_ms"][str(row["batch"])] = row["p50_ms"]
+        figures["speedup"][str(row["batch"])] = row["speedup_vs_teacher"]
+    for row in bench.get("served", []):
+        by_folder[row["folder"]].update(served_p50_ms=row["p50_ms"], served_speedup=row["served_speedup"])
+    teacher = by_folder[next(r["folder"] for r in bench["rows"] if r["role"] == "teacher")]
+    for p in planned:
+        p.measured.update(by_folder[str(p.package)])
+        p.measured["within_budget"] = within_budget(latency(p.measured, options.served), latency(teacher, options.served), options)
+    return teacher
+
+
+def latency(figures: Dict[str, Any], served: bool) -> float:
+    """The latency a budget is judged on: served p50 at concurrency 1 with ``--served``, else the engine's at batch 1."""
+    return figures["served_p50_ms"] if served else figures["p50_ms"]["1"]
+
+
+def within_budget(latency_ms: float, teacher_ms: float, options: PlanOptions) -> bool:
+    """Batch-1 latency at most ``max_latency_ms`` and at least ``min_speedup`` times faster than the
+    teacher's (each only when given; no budget at all: every candidate is within)."""
+    if options.max_latency_ms is not None and latency_ms > options.max_latency_ms:
+        return False
+    return options.min_speedup is None or teacher_ms / latency_ms >= options.min_speedup
+
+
+def budget_ms(teacher_ms: float, options: PlanOptions) -> Optional[float]:
+    """The batch-1 latency the budget allows (the tighter of the two), or None without a budget."""
+    bounds = [b for b in (options.max_latency_ms, teacher_ms / options.min_speedup if options.min_speedup else None) if b]
+    return min(bounds) if bounds else None
+
+
+def _proxy(options: PlanOptions, base: Config, planned: List[Planned], out: Path) -> None:
+    """Train each candidate within budget for ``proxy_epochs`` from the cached teacher; record its best fused top-1."""
+    for p in (p for p in planned if p.measured["within_budget"]):
+        cfg, _ = candidate_config(options, p.candidate, base, [f"train.epochs={options.proxy_epochs}",
+                                                                 f"output={out / 'proxy' / p.label}"])
+        print(f"cskd plan: proxy training {p.label} for {options.proxy_epochs} epochs -> {cfg.output}", flush=True)
+        result = train(cfg, show_progress=options.show_progress)
+        p.measured.update(proxy_top1=result.best_top1, proxy_wall_s=round(result.wall_s, 1))
+
+
+def pick(candidates: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The candidate to train: the best proxy top-1 within budget, else (no proxy) the one of most FLOPs."""
+    within = [c for c in candidates if c["within_budget"]]
+    if not within:
+        return None
+    if any(c.get("proxy_top1") is not None for c in within):
+        return max(within, key=lambda c: c.get("proxy_top1") or -1.0)
+    return max(within, key=lambda c: c["flops"])
+
+
+def train_pick(options: PlanOptions, result: Dict[str, Any], log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """``--train``: train the plan's pick with the full configuration (the command printed first)."""
+    chosen = pick(result["candidates"])
+    if chosen is None:
+        raise CSKDError("no candidate is within the budget, so there is nothing to train; relax --max-latency-ms / "
+                        "--min-speedup or add smaller --candidates")
+    output = Path(result["out"]) / "train" / chosen["label"]
+    command = train_command(options.config, [*options.overrides, *chosen["overrides"], f"output={output}"])
+    log(f"cskd plan: training {chosen['label']}: {command}")
+    cfg = load_config(options.config, [*options.overrides, *chosen["overrides"], f"output={output}"])
+    run = train(cfg, show_progress=options.show_progress)
+    return {"label": chosen["label"], "command": command, "run": str(run.run_dir), "best_top1": run.best_top1}
+
+
+def _result(options: PlanOptions, base: Config, info: DatasetInfo, planned: List[Planned], teacher: Path,
+            teacher_cost: Tuple[Optional[int], Optional[int]], teacher_figures: Dict[str, Any], notes: List[str],
+            out: Path) -> Dict[str, Any]:
+    package = read_package(teacher)
+    teacher_ms = latency(teacher_figures, options.served)
+    candidates = [{
+        "label": p.label, "model": p.candidate.model, "kwargs": dict(p.candidate.kwargs), "patch_size": p.config.student.patch_size,
+        "params": p.params, "flops": p.flops, "train_images_per_s": p.train_images_per_s, **p.measured,
+        "overrides": p.overrides, "command": train_command(options.config, [*options.overrides, *p.overrides]),
+        "package": str(p.package), "run_dir": str(p.run_dir),
+    } for p in planned]
+    chosen = pick(candidates)
+    own = Candidate(base.student.model, dict(base.student.kwargs), base.student.patch_size).key(base.student.patch_size)
+    return {
+        "data": {"name": base.data.name, "img_size": base.student.img_size, "channels": info.channels, "classes": info.num_classes},
+        "target": {"backend": options.backend, "precision": options.precision, "batch_sizes": sorted({1, *options.batch_sizes}),
+                   "served": options.served},
+        "budget": {"max_latency_ms": options.max_latency_ms, "min_speedup": options.min_speedup,
+                   "latency_ms": budget_ms(teacher_ms, options), "judged_on": "served p50, concurrency 1" if options.served
+                   else "engine p50, batch 1"},
+        "teacher": {"label": f"teacher {package.architecture}", "model": package.architecture, "precision": package.precision,
+                    "params": teacher_cost[0], "flops": teacher_cost[1], "package": str(teacher), **teacher_figures},
+        "candidates": candidates,
+        "pick": chosen["label"] if chosen else None,
+        "config_student": next((p.label for p in planned if p.candidate.key(base.student.patch_size) == own), None),
+        "config": {"config": options.config, "overrides": list(options.overrides), "train_batch_size": base.train.batch_size},
+        "notes": [*NOTES, *_config_notes(options, base), *notes],
+        "out": str(out), "bench": str(out / "bench" / "bench.json"),
+        "machine": {"processor": platform.processor() or platform.machine(), "system": platform.platform(),
+                    "torch": torch.__version__},
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items() if k != "candidates"},
+    }
+
+
+def _config_notes(options: PlanOptions, cfg: Config) -> List[str]:
+    """What the figures assume that this target or config does differently."""
+    notes = []
+    if options.precision == "int8":
+        notes.append(f"int8: calibrated on {options.calib_images} training images, the recipe as it is (no tuning); a "
+                     "trained export tunes on 1,000 more and may keep a few more nodes in float")
+    if get_task(cfg.train.target).distils(cfg) and not cfg.teacher.cache:
+        notes.append("this config runs its teacher online: train img/s is that of a run from its cache (random maps of "
+                     "its grid), which `cskd cache-teacher` makes once")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# What the command prints
+
+
+def format_plan(result: Dict[str, Any]) -> str:
+    """The plan as a table: one row per candidate, the teacher first."""
+    batches = result["target"]["batch_sizes"]
+    served = result["target"]["served"]
+    head = (f"{'candidate':<26} {'params':>7} {'GFLOPs':>7} " + " ".join(f"{f'b{b} ms':>8}" for b in batches)
+            + (f" {'served ms':>9}" if served else "") + f" {'speedup':>8} {'budget':>6} {'train img/s':>11}")
+    proxy = any(c.get("proxy_top1") is not None for c in result["candidates"])
+    lines = [head + (f" {'proxy top-1':>11}" if proxy else "")]
+    teacher = result["teacher"]
+    lines.append(_row(teacher["label"], teacher["params"], teacher["flops"], teacher, batches, served, 1.0, "", None, None, proxy))
+    for c in result["candidates"]:
+        speedup = c["served_speedup"] if served else c["speedup"]["1"]
+        budget = "yes" if c["within_budget"] else "no"
+        lines.append(_row(c["label"] + (" *" if c["label"] == result["pick"] else ""), c["params"], c["flops"], c, batches, served,
+                          speedup, budget, c["train_images_per_s"], c.get("proxy_top1"), proxy))
+    return "\n".join(lines)
+
+
+def _row(name: str, params: Optional[int], flops: Optional[int], figures: Dict[str, Any], batches: Sequence[int], served: bool,
+         speedup: float, budget: str, rate: Optional[float], proxy_top1: Optional[float], proxy: bool) -> str:
+    text = (f"{name:<26} {_count(params, 1e6, 'M'):>7} {_count(flops, 1e9, ''):>7} "
+            + " ".join(f"{figures['p50_ms'][str(b)]:>8.3f}" for b in batches)
+            + (f" {figures['served_p50_ms']:>9.2f}" if served else "")
+            + f" {speedup:>7.2f}x {budget:>6} {(f'{rate:.0f}' if rate is not None else '-'):>11}")
+    if proxy:
+        text += f" {(f'{proxy_top1:.2f}%' if proxy_top1 is not None else '-'):>11}"
+    return text
+
+
+def _count(value: Optional[int], unit: float, suffix: str) -> str:
+    """``value`` in ``unit`` (millions of parameters, billions of FLOPs), or ``-`` when unknown."""
+    return "-" if value is None else f"{value / unit:.{2 if suffix else 3}f}{suffix}"
+
+
+def format_summary(result: Dict[str, Any]) -> List[str]:
+    """The lines after the table: the budget, how many meet it, the pick and the command that trains it."""
+    budget, target = result["budget"], result["target"]
+    within = [c for c in result["candidates"] if c["within_budget"]]
+    wanted = ", ".join(part for part in (f"<= {budget['max_latency_ms']:g} ms" if budget["max_latency_ms"] else "",
+                                         f">= {budget['min_speedup']:g}x the teacher" if budget["min_speedup"] else "") if part)
+    lines = [f"target: {target['backend']} {target['precision']}; budget: {wanted or 'none (every candidate counts)'}, "
+             f"{budget['judged_on']}" + (f" (<= {budget['latency_ms']:.3f} ms)" if budget["min_speedup"] else ""),
+             f"{len(within)} of {len(result['candidates'])} candidates within budget"
+             + (f"; pick (*): {result['pick']}" if result["pick"] else "")
+             + (f"; the config's own student: {result['config_student']}" if result["config_student"] else "")]
+    for c in within:
+        lines.append(f"  {c['label']}: {c['command']}")
+    lines += [f"note: {note}" for note in result["notes"]]
+    return lines

@@ -1,0 +1,97 @@
+"""cskd plan's candidates: the NAME[:key=value,...] parser (good specs and every bad part named), the
+default family at the data's size, and the `cskd train` overrides that train a candidate."""
+
+from __future__ import annotations
+
+import pytest
+
+from cskd.config import load_config
+from cskd.data.datasets import build_dataset
+from cskd.errors import CSKDError
+from cskd.measure.candidates import (
+    DEIT_SMALL,
+    DEIT_TINY,
+    DEMO_STUDENT,
+    Candidate,
+    default_family,
+    flow_mapping,
+    parse_candidate,
+    train_command,
+)
+from cskd.pairing import count_params
+from cskd.tasks import get_task
+
+
+@pytest.mark.parametrize("text, expected", [
+    (DEMO_STUDENT, Candidate(DEMO_STUDENT, {}, None)),
+    (f"{DEMO_STUDENT}:embed_dim=128,depth=6,num_heads=4", Candidate(DEMO_STUDENT, {"embed_dim": 128, "depth": 6, "num_heads": 4})),
+    (f"{DEIT_TINY}:patch_size=8", Candidate(DEIT_TINY, {}, 8)),
+    (f" {DEIT_TINY} : mlp_ratio = 2.5 , qkv_bias=false ", Candidate(DEIT_TINY, {"mlp_ratio": 2.5, "qkv_bias": False})),
+])
+def test_a_good_spec_parses_to_its_model_options_and_patch_size(text, expected):
+    assert parse_candidate(text) == expected
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("", "has no model name"),
+    (":depth=2", "has no model name"),
+    ("train.epochs=3", "looks like a config override"),
+    ("deit_tiny_distiled_patch16_224", "is not a timm model"),
+    (f"{DEMO_STUDENT}:", "no options after it"),
+    (f"{DEMO_STUDENT}:depth", "option 'depth' is not key=value"),
+    (f"{DEMO_STUDENT}:depth=", "option 'depth=' is not key=value"),
+    (f"{DEMO_STUDENT}:depth=2,,num_heads=2", "option '' is not key=value"),
+    (f"{DEMO_STUDENT}:2x=3", "'2x' is not an option name"),
+    (f"{DEMO_STUDENT}:depth=2,depth=3", "sets depth twice"),
+    (f"{DEMO_STUDENT}:img_size=64", "student.img_size"),
+    (f"{DEMO_STUDENT}:drop_path_rate=0.1", "student.drop_path"),
+    (f"{DEMO_STUDENT}:patch_size=0", "patch_size=0 is not a positive whole number"),
+    (f"{DEMO_STUDENT}:patch_size=4.5", "patch_size=4.5 is not a positive whole number"),
+    (f"{DEMO_STUDENT}:depth={{a: 1}}", "is not a single value"),
+])
+def test_a_bad_spec_is_refused_naming_the_bad_part(text, fragment):
+    with pytest.raises(CSKDError) as error:
+        parse_candidate(text)
+    assert fragment in str(error.value) and repr(text) in str(error.value)  # the whole spec, and what is wrong in it
+
+
+def test_the_default_family_spans_smaller_to_larger_than_the_demo_student_with_timms_deits():
+    family = default_family(DEMO_STUDENT, {}, 32, 4)
+    assert 8 <= len(family) <= 10
+    assert family[0] == Candidate(DEMO_STUDENT, {}, 4)  # the config's own student, first
+    assert {DEIT_TINY, DEIT_SMALL} <= {c.model for c in family}
+    assert len({c.key(4) for c in family}) == len(family)  # each network once
+    params = [student_params(c, 32, 4) for c in family]
+    assert min(params) < params[0] < max(params)
+
+
+def test_a_patch_size_that_does_not_divide_the_image_is_left_out_of_the_family():
+    family = default_family(DEMO_STUDENT, {}, 36, 4)  # 8 px patches do not tile 36 px
+    assert family and all(c.patch_size == 4 for c in family)
+
+
+def student_params(candidate: Candidate, img_size: int, patch_size: int) -> int:
+    """Parameters of the fused student that ``candidate`` builds directly with timm's options."""
+    from cskd.models import create_student, fuse_heads
+
+    student = create_student(candidate.model, 10, img_size, candidate.patch_size or patch_size, 1, **candidate.kwargs)
+    return count_params(fuse_heads(student))
+
+
+@pytest.mark.parametrize("candidate", [Candidate(DEMO_STUDENT, {"embed_dim": 64, "depth": 2, "num_heads": 2}, 8),
+                                       Candidate(DEIT_TINY, {"depth": 2}, None), Candidate(DEMO_STUDENT, {}, None)])
+def test_the_printed_overrides_train_the_same_architecture(candidate):
+    # the user's config already sets other student options: the candidate's replace them, not add to them
+    user = ["student.kwargs={depth: 8, mlp_ratio: 2.0}", "student.patch_size=2"]
+    cfg = load_config(None, [*user, *candidate.overrides(32, 4)])
+    task = get_task("student")
+    _, info = build_dataset(cfg.data.name, "val")
+    trained = count_params(task.deployable(task.build(task.spec(cfg, info))))
+    assert cfg.student.patch_size == (candidate.patch_size or 4) and cfg.student.kwargs == candidate.kwargs
+    assert trained == student_params(candidate, 32, 4)
+
+
+def test_the_train_command_quotes_what_the_shell_would_split():
+    command = train_command("my.yaml", ["data.path=/a b", "student.kwargs=" + flow_mapping({"embed_dim": 96, "depth": 4})])
+    assert command == "cskd train --config my.yaml 'data.path=/a b' 'student.kwargs={embed_dim: 96, depth: 4}'"
+    assert flow_mapping({}) == "{}"

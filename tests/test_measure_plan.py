@@ -1,0 +1,218 @@
+"""cskd plan: FLOPs from torch's counter against hand counts, the package it times is what `cskd export`
+writes, the budget filter (a deliberately slow teacher), proxy ranking and --train, and the command
+end to end on two tiny candidates and the micro teacher."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cskd.measure.plan as plan_module
+from cskd.checkpoint import load_weights, save_weights
+from cskd.cli import main
+from cskd.config import load_config
+from cskd.data.datasets import build_dataset
+from cskd.errors import CSKDError
+from cskd.export.exporter import ExportOptions, export_model
+from cskd.measure.candidates import DEMO_STUDENT, parse_candidate
+from cskd.measure.plan import PlanOptions, budget_ms, plan, within_budget
+from cskd.models import create_student, fuse_heads
+from cskd.pairing import count_flops, count_params
+from cskd.run import RunDir
+from cskd.runtime.package import read_package
+from cskd.tasks import get_task
+from tests.test_measure_bench import slow_down
+
+TINY = [f"{DEMO_STUDENT}:embed_dim=32,depth=1,num_heads=2", f"{DEMO_STUDENT}:embed_dim=32,depth=2,num_heads=2,patch_size=8"]
+
+
+def tiny_options(tmp_path, micro_teacher, **kwargs) -> PlanOptions:
+    """Two one- and two-block candidates against the micro teacher, timed briefly: seconds."""
+    values = dict(overrides=micro_teacher, candidates=[parse_candidate(t) for t in TINY], rounds=1, iters=3, train_steps=1,
+                  out=tmp_path / "plan", show_progress=False)
+    return PlanOptions(**{**values, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def test_flops_of_a_linear_layer_and_a_convolution_are_two_per_multiply_add():
+    assert count_flops(nn.Linear(10, 5), (10,)) == 2 * 10 * 5
+    conv = nn.Conv2d(3, 8, kernel_size=3, padding=1)  # 8x8 outputs of 8 channels, each 3x3x3 multiply-adds
+    assert count_flops(conv, (3, 8, 8)) == 2 * (8 * 8 * 8) * (3 * 3 * 3)
+
+
+class Attention(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(x, x, x)
+
+
+def test_attention_is_counted_on_the_cpu_kernel_too():
+    heads, tokens, dim = 2, 16, 8  # QK^T and AV: 2 matmuls of tokens x tokens x dim per head
+    assert count_flops(Attention(), (heads, tokens, dim)) == 2 * 2 * heads * tokens * tokens * dim
+
+
+def test_a_students_flops_grow_by_one_blocks_hand_count_per_block():
+    def flops(depth: int) -> int:
+        return count_flops(fuse_heads(create_student(DEMO_STUDENT, 10, 32, 4, 1, depth=depth)), (1, 32, 32))
+
+    tokens, width = 8 * 8 + 2, 96  # 64 patches, class and distillation tokens; the demo's width
+    per_block = 2 * tokens * (3 * width * width + width * width + 2 * 4 * width * width) + 4 * tokens * tokens * width
+    one, two, four = flops(1), flops(2), flops(4)
+    assert two - one == per_block and four - two == 2 * per_block  # qkv, projection, MLP and attention matmuls
+
+
+# ---------------------------------------------------------------------------------------------
+# The budget
+
+
+def test_the_budget_is_the_tighter_of_the_latency_and_the_speedup():
+    both = PlanOptions(max_latency_ms=2.0, min_speedup=4.0)
+    assert within_budget(1.5, 10.0, both) and not within_budget(2.1, 10.0, both) and not within_budget(1.5, 4.0, both)
+    assert budget_ms(10.0, both) == 2.0 and budget_ms(4.0, both) == 1.0
+    assert within_budget(100.0, 1.0, PlanOptions()) and budget_ms(1.0, PlanOptions()) is None  # no budget: all count
+
+
+@pytest.fixture(scope="module")
+def slow_teacher_plan(micro_teacher, tmp_path_factory):
+    """A plan whose teacher sleeps 20 ms a call: both candidates are far more than 3x faster."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        slow_down(monkeypatch, "teacher", 0.02)
+        options = tiny_options(tmp_path_factory.mktemp("slow"), micro_teacher, min_speedup=3.0)
+        return options, plan(options, log=lambda _: None)
+
+
+def test_min_speedup_keeps_candidates_faster_than_a_slow_teacher(slow_teacher_plan):
+    options, result = slow_teacher_plan
+    teacher_ms = result["teacher"]["p50_ms"]["1"]
+    assert teacher_ms >= 20 and result["budget"]["latency_ms"] == pytest.approx(teacher_ms / 3)
+    assert all(c["within_budget"] and c["speedup"]["1"] >= 3 for c in result["candidates"])
+    assert result["pick"] == max(result["candidates"], key=lambda c: c["flops"])["label"]  # no proxy: the most FLOPs
+
+
+def test_min_speedup_leaves_out_candidates_made_slower_than_the_teacher(micro_teacher, tmp_path, monkeypatch):
+    slow_down(monkeypatch, "student", 0.02)
+    result = plan(tiny_options(tmp_path, micro_teacher, min_speedup=1.0, candidates=[parse_candidate(TINY[0])]),
+                  log=lambda _: None)
+    assert [c["within_budget"] for c in result["candidates"]] == [False] and result["pick"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# What is timed is what `cskd export` writes
+
+
+def op_types(path) -> Counter:
+    return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def test_the_timed_package_is_what_cskd_export_writes_for_that_architecture(slow_teacher_plan, tmp_path):
+    _, result = slow_teacher_plan
+    planned = result["candidates"][0]
+    # a trained run of the same architecture: the planned run directory with other weights (training changes
+    # nothing else), exported by `cskd export RUN` with every default (parity gate on)
+    tensors, spec, _ = load_weights(RunDir(planned["run_dir"]).best)
+    trained = RunDir(tmp_path / "trained")
+    trained.path.mkdir()
+    trained.save_config(RunDir(planned["run_dir"]).config((f"output={trained.path}",)))
+    torch.manual_seed(1)
+    save_weights(trained.best, {k: v + 0.01 * torch.randn_like(v) for k, v in tensors.items()}, spec, {"epoch": 3})
+    exported, package = export_model(trained.path, ExportOptions(), log=lambda _: None)
+    timed = read_package(planned["package"])
+    assert (timed.input, timed.precision, timed.engine, timed.files, timed.heads, timed.fused, timed.outputs) == \
+        (package.input, package.precision, package.engine, package.files, package.heads, package.fused, package.outputs)
+    for name in ("model.onnx", "model.optimized.onnx"):
+        assert op_types(exported / name) == op_types(planned["package"] + "/" + name)
+    assert timed.gate["enabled"] is False and package.gate["enabled"] is True  # untrained: measured, not gated
+
+
+def test_int8_candidates_are_quantised_by_the_export_recipe_calibrated_on_training_images(micro_teacher, tmp_path):
+    result = plan(tiny_options(tmp_path, micro_teacher, precision="int8", calib_images=32, candidates=[parse_candidate(TINY[0])]),
+                  log=lambda _: None)
+    package = read_package(result["candidates"][0]["package"])
+    quantization = package.build["quantization"]
+    assert package.precision == "int8" and quantization["calibration"] == "percentile-99.99" and quantization["attempts"] == []
+    assert op_types(result["candidates"][0]["package"] + "/model.onnx")["QuantizeLinear"] > 0
+    assert any("int8: calibrated on 32 training images" in note for note in result["notes"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Proxy ranking and --train
+
+
+def test_proxy_epochs_rank_the_candidates_within_budget_and_train_trains_the_best(micro_teacher, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(cfg, show_progress=True, **kwargs):  # what a run would report, by depth: the deeper one wins
+        calls.append(cfg)
+        return SimpleNamespace(best_top1=50.0 + cfg.student.kwargs["depth"], wall_s=1.0, run_dir=cfg.output)
+
+    monkeypatch.setattr(plan_module, "train", fake_train)
+    no_kd = ["loss.deit_type=none", "loss.cskd_type=none"]  # no teacher targets: the proxy needs no cache
+    options = tiny_options(tmp_path, micro_teacher, overrides=[*micro_teacher, *no_kd], proxy_epochs=2, train=True)
+    result = plan(options, log=lambda _: None)
+    proxies, final = calls[:-1], calls[-1]
+    assert [c.train.epochs for c in proxies] == [2, 2] and all("/proxy/" in c.output for c in proxies)
+    assert [c["proxy_top1"] for c in result["candidates"]] == [51.0, 52.0]
+    assert result["pick"] == result["candidates"][1]["label"]
+    assert final.train.epochs == load_config(None, []).train.epochs and final.output.endswith(f"/train/{result['pick']}")
+    assert final.student.kwargs == result["candidates"][1]["kwargs"] and final.student.patch_size == 8
+    assert result["trained"]["command"].startswith("cskd train ") and "student.patch_size=8" in result["trained"]["command"]
+    saved = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert saved["trained"]["best_top1"] == 52.0 and saved["candidates"][1]["proxy_top1"] == 52.0
+
+
+def test_proxy_epochs_need_a_cached_teacher(micro_teacher, tmp_path):
+    with pytest.raises(CSKDError, match="teacher.cache=ITS_FOLDER"):
+        plan(tiny_options(tmp_path, micro_teacher, proxy_epochs=1))  # the micro teacher has no cache: it would run online
+    assert not (tmp_path / "plan").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(backend="onnx"), "--backend onnx is not one of onnxruntime, openvino, tensorrt"),
+    (dict(precision="int4"), "--precision int4 is not one of fp32, fp16, int8"),
+    (dict(batch_sizes=[0, 8]), "--batch-sizes takes positive numbers"),
+    (dict(min_speedup=0.0), "--min-speedup 0.0 is not a positive number"),
+    (dict(proxy_epochs=-1), "--proxy-epochs -1 is below 0"),
+])
+def test_bad_options_are_refused_naming_the_value_and_the_allowed_set(tmp_path, options, fragment):
+    with pytest.raises(CSKDError) as error:
+        plan(PlanOptions(out=tmp_path / "plan", **options))
+    assert fragment in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def test_cli_plans_two_candidates_and_writes_the_table_json_plot_and_commands(micro_teacher, tmp_path, capsys):
+    out = tmp_path / "plan"
+    code = main(["plan", *micro_teacher, "--candidates", *TINY, "--max-latency-ms", "1000", "--rounds", "1", "--iters", "2",
+                 "--train-steps", "1", "--no-progress", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    result = json.loads((out / "plan.json").read_text())
+    assert (out / "plan.png").stat().st_size > 5000 and (out / "bench" / "bench.json").is_file()
+    assert [c["label"] for c in result["candidates"]] == ["nano-w32-d1-h2-p4", "nano-w32-d2-h2-p8"]
+    for c in result["candidates"]:
+        assert c["label"] in printed and c["command"] in printed and c["within_budget"]
+        assert c["params"] > 0 and c["flops"] > 0 and c["train_images_per_s"] > 0 and set(c["p50_ms"]) == {"1", "8"}
+        # the printed overrides train this very network: same parameters as the package that was timed
+        cfg = load_config(None, [*micro_teacher, *c["overrides"]])
+        task = get_task("student")
+        _, info = build_dataset(cfg.data.name, "val")
+        assert count_params(task.deployable(task.build(task.spec(cfg, info)))) == c["params"]
+    assert result["teacher"]["model"] == "cskd_resnet_micro" and result["teacher"]["flops"] > result["candidates"][0]["flops"]
+    assert "train img/s" in printed and "2 of 2 candidates within budget" in printed and "wrote" in printed
+
+
+def test_cli_refuses_an_override_after_candidates_with_a_fix(capsys):
+    assert main(["plan", "--candidates", TINY[0], "train.epochs=3"]) == 2
+    assert "put config overrides before --candidates" in capsys.readouterr().err
