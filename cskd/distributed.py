@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset, Subset
 
 from cskd.errors import CSKDError
 
@@ -65,6 +66,14 @@ def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def shard(dataset: Dataset, env: DistEnv) -> Dataset:
+    """This process's disjoint slice of ``dataset`` (every image in exactly one), for evaluations whose
+    counts :func:`all_reduce_sum` adds up."""
+    if not env.distributed:
+        return dataset
+    return Subset(dataset, list(range(env.rank, len(dataset), env.world_size)))
 
 
 def barrier(env: DistEnv) -> None:

@@ -103,7 +103,18 @@ def run_eval(
         "split": split,
         "trained_epochs": trained.info.get("epoch"),
         **result,
+        "teacher": run_teacher(trained.path, name, split),
     }
+
+
+def run_teacher(checkpoint: Path, data: str, split: str) -> Optional[Dict[str, Any]]:
+    """The teacher's top-1/top-5 as the distilled run holding ``checkpoint`` recorded them on its validation
+    images, when this evaluation is on that data's validation split (else they would describe other images)."""
+    run = RunDir.of_checkpoint(checkpoint)
+    accuracy = run.teacher_accuracy if run is not None else None
+    if accuracy is None or split != "val" or accuracy.split.get("data") != data:
+        return None
+    return {"model": run.config().teacher.model, "top1": accuracy.top1, "top5": accuracy.top5, "count": accuracy.images}
 
 
 def format_table(result: Dict[str, Any]) -> str:
@@ -111,6 +122,10 @@ def format_table(result: Dict[str, Any]) -> str:
              f"{'head':<8} {'top-1':>7} {'top-5':>7}"]
     for head, top1 in result["top1"].items():
         lines.append(f"{head:<8} {top1:>6.2f}% {result['top5'][head]:>6.2f}%")
+    teacher = result.get("teacher")
+    if teacher:
+        lines.append(f"{'teacher':<8} {teacher['top1']:>6.2f}% {teacher['top5']:>6.2f}%  ({teacher['model']}, as the run "
+                     f"measured it on its {teacher['count']} validation images)")
     if result.get("heads"):
         lines.append(f"fused = mean of {' + '.join(result['heads'])}")
     return "\n".join(lines)

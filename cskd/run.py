@@ -7,6 +7,7 @@ RUN/best.safetensors     deployable weights with their spec (best validation top
 RUN/last.safetensors     the same after the last finished epoch
 RUN/last.state.pt        optimizer, scaler and EMA state for --resume (marks an epoch done)
 RUN/curves.png           the curves of metrics.jsonl
+RUN/pairing.json         distilled student runs: teacher and student cost, the teacher's validation top-1/top-5
 ```
 
 ``cskd eval``, ``cskd export`` and ``cskd bench`` find checkpoints, the teacher a student was
@@ -25,6 +26,7 @@ from typing import Any, Dict, List, Optional
 from cskd.assets import DEMO_REFERENCE, DEMO_TEACHER, DEMO_TEACHER_CACHE, asset_path
 from cskd.checkpoint import BEST, LAST, checkpoint_epoch, resolve_checkpoint
 from cskd.config import Config, DataConfig, load_config, save_config
+from cskd.data.validation import TeacherAccuracy
 from cskd.errors import CSKDError
 from cskd.files import atomic_write, atomic_write_json, atomic_write_text
 
@@ -173,4 +175,20 @@ class RunDir:
 
     def save_pairing(self, report: Dict[str, Any]) -> None:
         atomic_write_json(self.path / self.PAIRING, report)
+
+    def pairing(self) -> Dict[str, Any]:
+        """What pairing.json holds; empty for a run without one (a teacher run, no distillation)."""
+        path = self.path / self.PAIRING
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @property
+    def teacher_accuracy(self) -> Optional[TeacherAccuracy]:
+        """The teacher's top-1/top-5 on this run's validation images, as the run recorded it; None for
+        runs without a teacher and runs made before it was recorded."""
+        return TeacherAccuracy.of_record(self.pairing(), "recorded")
+
+    @property
+    def teacher_val_top1(self) -> Optional[float]:
+        accuracy = self.teacher_accuracy
+        return accuracy.top1 if accuracy is not None else None
 

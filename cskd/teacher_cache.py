@@ -3,7 +3,8 @@
 ```
 CACHE/manifest.json        what the maps are of: teacher (checkpoint hash, options, normalisation),
                            data set (fingerprint), image size and interpolation, teacher grid,
-                           classes, top-k, shard layout, completeness
+                           classes, top-k, shard layout, completeness; and the teacher's top-1/top-5
+                           on the validation split (teacher_val_*), which student runs report
 CACHE/shard-00000.npy      float16 [n, K or k, H, W]: the logits (all classes, or the k largest per cell)
 CACHE/shard-00000.idx.npy  int16 [n, k, H, W]: their class indices (top-k caches only; int32 above
                            32,768 classes)
@@ -30,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from cskd import __version__
+from cskd.data.validation import TeacherAccuracy
 from cskd.errors import CSKDError
 from cskd.files import atomic_write, atomic_write_json
 from cskd.progress import progress
@@ -58,6 +60,11 @@ class CacheManifest:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     toolkit: str = __version__
     format: str = CACHE_FORMAT
+    # The teacher on the validation images a student run validates on (TeacherAccuracy.record); None in
+    # caches made before it was recorded, and then a run measures it itself.
+    teacher_val_top1: Optional[float] = None
+    teacher_val_top5: Optional[float] = None
+    teacher_val_split: Optional[Dict[str, Any]] = None
 
     @property
     def count(self) -> int:
@@ -75,6 +82,10 @@ class CacheManifest:
                          "teacher_std": self.teacher.get("std"), "data_fingerprint": self.data["fingerprint"],
                          "image_size": self.image_size, "interpolation": self.interpolation,
                          "num_classes": self.num_classes, "topk": self.topk})
+
+    def accuracy(self) -> Optional[TeacherAccuracy]:
+        """The teacher's validation accuracy this cache recorded, if it did."""
+        return TeacherAccuracy.of_record(asdict(self), "cache")
 
     @classmethod
     def read(cls, folder: Path) -> "CacheManifest":

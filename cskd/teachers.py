@@ -20,12 +20,12 @@ mismatch for never running the teacher (see the README).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 
 from cskd.checkpoint import ModelSpec, read_spec, read_state_dict, resolve_checkpoint
@@ -34,10 +34,13 @@ from cskd.data.datasets import DatasetInfo, build_dataset, fingerprint
 from cskd.data.mixing import MixRecord
 from cskd.data.transfer import left_out_line, training_images
 from cskd.data.transforms import normalize, whole_image_transform
-from cskd.distributed import barrier, init_distributed, shutdown
+from cskd.data.validation import TeacherAccuracy, validation_identity, validation_set
+from cskd.distributed import DistEnv, barrier, init_distributed, shard, shutdown
+from cskd.engine import Normalization, evaluate
 from cskd.errors import CSKDError
 from cskd.files import file_sha256
 from cskd.models import DenseTeacher, create_teacher
+from cskd.progress import progress
 from cskd.run import resolve_cache_reference, resolve_teacher_reference
 from cskd.tasks import Trained, get_task, load_trained
 from cskd.teacher_cache import CacheManifest, TeacherCache, mismatches, missing_shards, storage_topk, write_cache
@@ -209,6 +212,40 @@ def cache_identity(cfg: Config, info: DatasetInfo, train_set: Dataset) -> Dict[s
 
 
 # ---------------------------------------------------------------------------------------------
+# How good the teacher is: its accuracy on the images the student is validated on
+
+
+def _global_head(model: torch.nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    return {"global": model(images)[1]}
+
+
+def measure_teacher(teacher: LoadedTeacher, loader: DataLoader, env: DistEnv, split: Dict[str, Any],
+                    show_progress: bool = True) -> TeacherAccuracy:
+    """One pass of ``teacher`` over a validation ``loader`` (this process's shard; the counts are
+    summed over processes); ``split`` identifies the images (:func:`~cskd.data.validation.validation_identity`).
+    In float32 whatever the run's autocast: the figure describes the teacher, and a cache's and a
+    run's then agree."""
+    with progress(len(loader), f"teacher {teacher.name} on validation", "batch", show_progress) as bar:
+        result = evaluate(teacher.model, _global_head, loader, Normalization(teacher.mean, teacher.std), env, progress_bar=bar)
+    return TeacherAccuracy(result["top1"]["global"], result["top5"]["global"], split)
+
+
+def run_teacher_accuracy(cfg: Config, info: DatasetInfo, targets: Union[OnlineTeacher, CachedTeacher], val_loader: DataLoader, env: DistEnv,
+                         recorded: Optional[TeacherAccuracy] = None, show_progress: bool = True) -> TeacherAccuracy:
+    """The teacher's accuracy on a student run's validation images (``val_loader``): ``recorded`` by
+    this run before (a resume) or by its teacher cache, when measured on these very images (same
+    split, subset and eval transform), else one pass of the teacher (loaded for it when the run's
+    targets come from a cache)."""
+    split = validation_identity(cfg.data, cfg.student.img_size)
+    cached = targets.cache.manifest.accuracy() if isinstance(targets, CachedTeacher) else None
+    for known in (recorded, cached):
+        if known is not None and known.holds_for(split):
+            return known
+    teacher = targets.teacher if isinstance(targets, OnlineTeacher) else load_teacher(cfg, info, env.device)
+    return measure_teacher(teacher, val_loader, env, split, show_progress)
+
+
+# ---------------------------------------------------------------------------------------------
 # Building a cache (`cskd cache-teacher`)
 
 
@@ -236,16 +273,22 @@ def cache_teacher(cfg: Config, out: Path, topk: Optional[int] = None, shard_size
         barrier(env)
         done = write_cache(out, manifest, dataset, lambda images: teacher(images.to(env.device))[0], env.rank, env.world_size,
                            batch_size, cfg.data.workers, show_progress and env.is_main)
+        # The student runs this cache serves validate on these images: they report this figure beside their own.
+        val_loader = DataLoader(shard(validation_set(cfg.data, cfg.student.img_size), env), batch_size=batch_size,
+                                num_workers=cfg.data.workers)
+        accuracy = measure_teacher(teacher, val_loader, env, validation_identity(cfg.data, cfg.student.img_size),
+                                   show_progress and env.is_main)
         barrier(env)
         if env.is_main:
             missing = missing_shards(out, manifest)
             if missing:
                 raise CSKDError(f"{len(missing)} shards of {out} are missing after the run; run the same command again")
-            manifest.complete = True
+            manifest = replace(manifest, complete=True, **accuracy.record())
             manifest.write(out)
             print(f"teacher cache {out}: {manifest.count} images, grid {manifest.grid[0]}x{manifest.grid[1]}, "
                   f"{'all' if manifest.topk is None else f'top-{manifest.topk} of'} {manifest.num_classes} classes "
                   f"({done} computed now)")
+            print(accuracy.line(teacher.name))
             left_out = left_out_line(dataset)
             if left_out:
                 print(f"  {left_out}")

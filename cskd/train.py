@@ -31,8 +31,9 @@ from cskd.data.datasets import DatasetInfo, build_dataset
 from cskd.data.mixing import build_mixup
 from cskd.data.samples import Indexed, limit
 from cskd.data.transfer import MixedBatchSampler, left_out_line, training_images
-from cskd.data.transforms import eval_transform, train_transform
-from cskd.distributed import DistEnv, barrier, init_distributed, shutdown
+from cskd.data.transforms import train_transform
+from cskd.data.validation import TeacherAccuracy, validation_set
+from cskd.distributed import DistEnv, barrier, init_distributed, shard, shutdown
 from cskd.engine import Normalization, StepContext, amp_dtype, current_lr, evaluate, train_one_epoch
 from cskd.errors import CSKDError
 from cskd.models.pretrained import InitReport
@@ -40,7 +41,7 @@ from cskd.plots import plot_curves
 from cskd.progress import progress
 from cskd.run import RunDir
 from cskd.tasks import Task, get_task, unwrap
-from cskd.teachers import build_teacher_targets, teacher_network
+from cskd.teachers import build_teacher_targets, run_teacher_accuracy, teacher_network
 
 
 def seed_everything(seed: int) -> None:
@@ -83,8 +84,7 @@ def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
     train_split = build_dataset(d.name, "train", d.path, d.channels, train_tf)[0]
     cached = training_images(train_split, d.unlabeled, info.channels, train_tf, val_split)
     train_set = limit(Indexed(train_split), d.max_train)  # indices stay those of the whole split
-    val_tf = eval_transform(img_size, info.channels, d.interpolation, d.eval_crop_pct)
-    val_set = limit(build_dataset(d.name, "val", d.path, d.channels, val_tf)[0], d.max_val)
+    val_set = validation_set(d, img_size)
     global_batch = cfg.train.batch_size * env.world_size
     if len(train_set) < global_batch:
         raise CSKDError(
@@ -92,7 +92,7 @@ def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
         )
     sampler = train_sampler(train_set, cfg, env)
     common = dict(num_workers=d.workers, pin_memory=env.device.type == "cuda", persistent_workers=False)
-    val_loader = DataLoader(_shard(val_set, env), batch_size=max(cfg.train.batch_size, 64), shuffle=False, **common)
+    val_loader = DataLoader(shard(val_set, env), batch_size=max(cfg.train.batch_size, 64), shuffle=False, **common)
     if cached is train_split:
         train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **common)
         return Loaders(train_loader, val_loader, info, train_split, sampler, len(train_set))
@@ -119,13 +119,6 @@ def train_sampler(train_set: Dataset, cfg: Config, env: DistEnv) -> Sampler:
     if cfg.data.repeated_aug > 1:
         return RepeatAugSampler(train_set, env.world_size, env.rank, shuffle=True, num_repeats=cfg.data.repeated_aug)
     return DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
-
-
-def _shard(dataset: Dataset, env: DistEnv) -> Dataset:
-    """Every process evaluates a disjoint slice, so summed counts cover each image exactly once."""
-    if not env.distributed:
-        return dataset
-    return torch.utils.data.Subset(dataset, list(range(env.rank, len(dataset), env.world_size)))
 
 
 def build_base_criterion(cfg: Config, mixup_on: bool) -> Callable:
@@ -155,6 +148,7 @@ class Session:
     best_epoch: int = -1
     resumed_schedule: Optional[Dict[str, int]] = None  # the schedule the resumed state was saved under
     init_report: Optional[InitReport] = None  # what starting from pretrained weights loaded
+    teacher_accuracy: Optional[TeacherAccuracy] = None  # distilled runs: the teacher on the validation images
 
     @property
     def steps_per_epoch(self) -> int:
@@ -298,7 +292,7 @@ class MainProcess(Quiet):
         if session.task.distils(cfg):
             report = pairing.compare(cfg.teacher.model, teacher_network(cfg, info), session.spec.model,
                                      session.task.deployable(session.model), (info.channels, session.spec.img_size, session.spec.img_size))
-            run.save_pairing(report.to_dict())
+            run.save_pairing({**report.to_dict(), **session.teacher_accuracy.record()})
         loaders = session.loaders
         transfer = (f" + {loaders.transfer_images} unlabelled from {cfg.data.unlabeled}, {loaders.transfer_batch} per step"
                     if loaders.transfer_images else "")
@@ -321,7 +315,7 @@ class MainProcess(Quiet):
             print(f"  resumed with {', '.join(changes)}: the LR cosine and CKF continue from epoch {session.start_epoch} "
                   f"of {cfg.train.epochs} on the new schedule (lr now {lr:.2e})")
         if session.task.distils(cfg):
-            print("\n".join(report.lines()), flush=True)
+            print("\n".join([*report.lines(), session.teacher_accuracy.line(cfg.teacher.model)]), flush=True)
 
     def epoch_done(self, session: Session, epoch: int, metrics: Dict[str, Any], is_best: bool) -> None:
         run, info = session.run, {"epoch": epoch + 1, "val_top1": metrics[f"val_top1_{session.task.primary_head}"]}
@@ -396,6 +390,9 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, notes: 
             cfg.output = str(RunDir.default_path(cfg.train.target))
         session = build_session(cfg, env, resume)
         out = MainProcess(show_progress, notes) if env.is_main else Quiet()
+        if session.task.distils(cfg):  # every rank: the pass is shared out like validation
+            session.teacher_accuracy = run_teacher_accuracy(cfg, session.loaders.info, session.ctx.teacher, session.loaders.val, env,
+                                                            session.run.teacher_accuracy if resume else None, out.show_progress)
         out.start(session, resume)
         metrics: Dict[str, Any] = {}
         for epoch in range(session.start_epoch, cfg.train.epochs):

@@ -53,10 +53,18 @@ def test_train_eval_resume_round_trip(tmp_path):
     assert result["count"] == 2000
     assert all(result["top1"][h] <= result["top5"][h] for h in result["top1"])
     assert "fused" in evaluated.stdout and "top-5" in evaluated.stdout
+    # the teacher beside the heads: the figure the run measured on its validation images, and printed
+    pairing = json.loads((run / "pairing.json").read_text())
+    assert result["teacher"] == {"model": "regnety_016", "top1": pairing["teacher_val_top1"], "top5": pairing["teacher_val_top5"],
+                                 "count": 128}
+    assert f"teacher: regnety_016 {pairing['teacher_val_top1']:.2f}% top-1" in trained.stdout
+    assert f"{'teacher':<8} {pairing['teacher_val_top1']:>6.2f}%" in evaluated.stdout
 
     resumed = cskd("train", "--no-progress", "--resume", str(run), "train.epochs=3")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at epoch 3" in resumed.stdout
+    assert f"teacher: regnety_016 {pairing['teacher_val_top1']:.2f}% top-1" in resumed.stdout
+    assert "as this run recorded it" in resumed.stdout
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 

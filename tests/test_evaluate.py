@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cskd.assets import DEMO_TEACHER_CACHE, asset_path
 from cskd.checkpoint import ModelSpec, load_weights, save_weights
 from cskd.errors import CSKDError
 from cskd.evaluate import format_table, run_eval
 from cskd.models import create_teacher
 from cskd.run import resolve_teacher_reference
+from cskd.teacher_cache import CacheManifest
 from tests.conftest import write_imagefolder
 
 
@@ -22,6 +24,9 @@ def test_packaged_teacher_reproduces_its_recorded_accuracy():
     assert result["top1"]["global"] == pytest.approx(info["val_top1"], abs=1e-9)
     assert result["top1"]["global"] > 85.0
     assert "global" in format_table(result)
+    # the packaged cache records the same figure (what demo runs report as their teacher's)
+    cached = CacheManifest.read(asset_path(DEMO_TEACHER_CACHE))
+    assert (cached.teacher_val_top1, cached.teacher_val_top5) == (result["top1"]["global"], result["top5"]["global"])
 
 
 def test_a_checkpoint_outside_a_run_is_evaluated_on_the_demo_only_if_its_classes_are_the_demos(tmp_path):

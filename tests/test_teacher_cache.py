@@ -14,10 +14,15 @@ import torch
 from PIL import Image
 
 import cskd.teachers
+from cskd.assets import DEMO_TEACHER_CACHE, asset_path
 from cskd.config import load_config
-from cskd.data.datasets import build_dataset, fingerprint
+from cskd.data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_dataset, fingerprint
 from cskd.data.transfer import training_images
+from cskd.data.transforms import eval_transform, normalize
+from cskd.data.validation import validation_identity
 from cskd.errors import CSKDError
+from cskd.models import create_teacher
+from cskd.run import RunDir
 from cskd.teacher_cache import MISSING_LOGIT_GAP, CacheManifest, TeacherCache, compress, expand, index_dtype, shard_paths, write_cache
 from cskd.teachers import build_teacher_targets, cache_teacher
 from cskd.train import train
@@ -41,6 +46,41 @@ def test_manifest_and_shards_describe_the_teacher_and_data(tmp_path, build):
     shards = [np.load(shard_paths(tmp_path / "c", s)[0]) for s in range(manifest.shards)]
     assert [len(s) for s in shards] == [3000, 3000, 3000, 1000] and shards[0].dtype == np.float16
     assert shards[0].shape[1:] == (10, 4, 4)
+
+
+def test_the_cache_records_the_teachers_top1_on_the_validation_images(tmp_path, micro_teacher, capsys):
+    write_imagefolder(tmp_path / "data", [(40, 30), (30, 48)], seed=1)
+    for index in range(3):  # three more validation images per class: 40 in all
+        write_imagefolder(tmp_path / "more", [(36, 36)], seed=index + 2)
+        for image in (tmp_path / "more" / "val").glob("*/*.png"):
+            image.rename(tmp_path / "data" / "val" / image.parent.name / f"{index}.png")
+    cfg = load_config(None, ["data.name=imagefolder", f"data.path={tmp_path / 'data'}", "data.channels=1", "data.workers=0",
+                             *micro_teacher])
+    cache_teacher(cfg, tmp_path / "c", show_progress=False)
+    data = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    # by hand: the micro teacher over the 40 validation images (eval transform), normalised its own way
+    # (its checkpoint's Fashion-MNIST statistics, not the folder's)
+    checkpoint = micro_teacher[1].split("=", 1)[1]
+    teacher = create_teacher("cskd_resnet_micro", 10, 1, checkpoint=checkpoint, output_stride=8).eval()
+    validation, _ = build_dataset("imagefolder", "val", str(tmp_path / "data"), 1, eval_transform(32, 1))
+    images, labels = torch.stack([x for x, _ in validation]), torch.tensor([y for _, y in validation])
+    with torch.no_grad():
+        logits = teacher(normalize(images, FASHION_MNIST_MEAN, FASHION_MNIST_STD))[1]
+    top1 = 100.0 * int((logits.argmax(1) == labels).sum()) / len(labels)
+    top5 = 100.0 * int((logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum()) / len(labels)
+    assert data["teacher_val_top1"] == pytest.approx(top1, abs=1e-9) and data["teacher_val_top5"] == pytest.approx(top5, abs=1e-9)
+    assert data["teacher_val_split"]["images"] == 40 and data["teacher_val_split"]["data"] == "imagefolder"
+    assert f"teacher: cskd_resnet_micro {top1:.2f}% top-1 ({top5:.2f}% top-5) on the 40 validation images" in capsys.readouterr().out
+
+
+def test_the_packaged_cache_holds_its_teachers_top1_on_the_demo_runs_validation_images():
+    accuracy = CacheManifest.read(asset_path(DEMO_TEACHER_CACHE)).accuracy()
+    cfg = load_config(None, [])
+    # what a demo run validates on, so `cskd train` takes the figure from the cache (test_evaluate checks
+    # it against the packaged teacher's weights)
+    assert accuracy.holds_for(validation_identity(cfg.data, cfg.student.img_size))
+    assert (accuracy.top1, accuracy.images) == (92.0, 2000)
+    assert not accuracy.holds_for(validation_identity(load_config(None, ["data.max_val=128"]).data, cfg.student.img_size))
 
 
 def test_topk_keeps_the_largest_logits_and_their_order():
@@ -177,13 +217,37 @@ def test_an_imagefolder_image_rewritten_at_the_same_size_changes_the_fingerprint
     assert path.stat().st_size == size and fingerprint(dataset) != before
 
 
+@pytest.fixture(scope="module")
+def quick_cache(tmp_path_factory, micro_teacher):
+    """The micro teacher's cache of the embedded training split, made for quick_overrides' runs: its
+    teacher figure is on their 128 validation images."""
+    out = tmp_path_factory.mktemp("quick") / "c"
+    cache_teacher(load_config(None, ["data.workers=0", "data.max_val=128", *micro_teacher]), out, show_progress=False)
+    return out
+
+
 @pytest.mark.slow
-def test_training_from_the_cache_never_runs_the_teacher(tmp_path, monkeypatch, build, micro_teacher):
-    build(tmp_path / "c")
+def test_training_from_the_cache_never_runs_the_teacher(tmp_path, monkeypatch, quick_cache, micro_teacher, capsys):
     monkeypatch.setattr(cskd.teachers, "load_teacher", lambda *a, **k: pytest.fail("the teacher ran"))
-    cfg = load_config(None, [*quick_overrides(tmp_path, **{"teacher.cache": str(tmp_path / "c")}), *micro_teacher])
+    cfg = load_config(None, [*quick_overrides(tmp_path, **{"teacher.cache": str(quick_cache)}), *micro_teacher])
     result = train(cfg, show_progress=False)
     assert result.final["loss_cskd"] > 0 and result.final["loss_deit"] > 0
+    assert RunDir(tmp_path / "run").teacher_val_top1 == CacheManifest.read(quick_cache).teacher_val_top1
+    assert "on the 128 validation images (from the teacher cache)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_validating_on_other_images_than_its_cache_measures_the_teacher_once(tmp_path, monkeypatch, quick_cache,
+                                                                                   micro_teacher, capsys):
+    loads = []
+    real = cskd.teachers.load_teacher
+    monkeypatch.setattr(cskd.teachers, "load_teacher", lambda *a, **k: loads.append(1) or real(*a, **k))
+    overrides = quick_overrides(tmp_path, **{"teacher.cache": str(quick_cache), "data.max_val": 64})  # the cache's are 128
+    train(load_config(None, [*overrides, *micro_teacher]), show_progress=False)
+    assert len(loads) == 1  # one validation pass, never a training step
+    accuracy = RunDir(tmp_path / "run").teacher_accuracy
+    assert accuracy.images == 64 and accuracy.split != CacheManifest.read(quick_cache).teacher_val_split
+    assert f"{accuracy.top1:.2f}% top-1 ({accuracy.top5:.2f}% top-5) on the 64 validation images (measured now)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("cache-teacher", help="store a teacher's dense targets once; train from them without the teacher",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run the config's teacher over its whole training split (whole images, eval transform) "
-                                   "and store each image's dense logit map in float16 shards with a manifest.")
+                                   "and store each image's dense logit map in float16 shards with a manifest; then once over "
+                                   "the validation split, recording its top-1/top-5 there (what student runs report).")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for cskd train")
     p.add_argument("--config", type=Path, help="the training config (default: the packaged demo)")
     p.add_argument("--out", type=Path, help="cache folder (default: runs/cache-TEACHER-DATA-SIZEpx)")
