@@ -110,12 +110,21 @@ class LossConfig:
 
 
 @dataclass
+class GuardConfig:
+    # Distilled student runs: say once when distillation from this teacher pulls the student down (cskd.guard);
+    # training itself is never changed.
+    margin: float = 1.0  # points the teacher-taught heads may trail the class token; set from docs/benchmarks.md "When does CSKD pay?"
+    min_progress: float = 0.25  # judge only after this share of the epochs (early epochs are noisy)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     output: Optional[str] = None  # run directory; null: runs/<target>-<timestamp>
 
     def to_dict(self) -> Dict[str, Any]:
@@ -147,6 +156,8 @@ _RANGES = {
     "loss.alpha": (0, 1, True),
     "loss.cskd_weight": (0, 1e3, True),
     "loss.tau": (0, 1e3, False),
+    "guard.margin": (0, 100, True),
+    "guard.min_progress": (0, 1, True),
     "data.workers": (0, 256, True),
     "data.max_train": (1, 1 << 40, True),
     "data.max_val": (1, 1 << 40, True),

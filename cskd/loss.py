@@ -54,6 +54,14 @@ def trained_heads(alpha: float, deit_type: str, cskd_type: str, cskd_weight: flo
     return tuple(heads)
 
 
+def teacher_heads(alpha: float, deit_type: str, cskd_type: str, cskd_weight: float) -> Tuple[str, ...]:
+    """The student heads this loss teaches from the teacher: the distillation token under DeiT's term
+    (without it, it learns the labels), the patch tokens under CSKD's. Empty without distillation."""
+    heads = [name for name, on in (("dist", alpha > 0 and deit_type != "none"),
+                                   ("dense", cskd_type != "none" and cskd_weight > 0)) if on]
+    return tuple(heads)
+
+
 def ckf_ratio(progress: float, decay: str) -> float:
     """Weight ``r`` of the teacher's dense logits at training progress ``x = t / T`` in [0, 1]."""
     x = min(max(float(progress), 0.0), 1.0)

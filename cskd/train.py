@@ -24,7 +24,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
-from cskd import pairing
+from cskd import guard, pairing
 from cskd.checkpoint import ModelSpec, load_state, save_state, save_weights
 from cskd.config import Config
 from cskd.data.datasets import DatasetInfo, build_dataset
@@ -278,12 +278,14 @@ class MainProcess(Quiet):
 
     def __init__(self, show_progress: bool, notes: Sequence[str] = ()) -> None:
         self.show_progress, self.notes = show_progress, notes
+        self.guard_fired = False  # the guard speaks once per run, resumes included
 
     def start(self, session: Session, resume: bool) -> None:
         cfg, run = session.cfg, session.run
         # Rows past the resume state are of an epoch a crash cut short, redone now (on a fresh start:
         # of a run killed before its first state was saved).
         run.truncate_metrics(session.start_epoch)
+        self.guard_fired = guard.fired(run.metrics())
         # The state called its last epoch the best, but the run may have stopped before writing best.safetensors.
         restored = resume and session.best_epoch == session.start_epoch - 1 and run.restore_best(session.start_epoch)
         run.save_config(cfg)
@@ -323,6 +325,9 @@ class MainProcess(Quiet):
         # metrics row is dropped on resume and written again; best.safetensors is not written yet, so it
         # stays the state's best whatever the redo scores). A crash after it and before best resumes at
         # the next epoch, copying last.safetensors (this epoch's, written first) to best: see start().
+        verdict = self.judge(session, metrics)
+        if verdict is not None:
+            metrics["guard"] = verdict.record()
         run.append_metrics(metrics)
         weights = session.deployable_weights
         save_weights(run.last, weights, session.spec, info)
@@ -330,6 +335,16 @@ class MainProcess(Quiet):
         if is_best:
             save_weights(run.best, weights, session.spec, info)
         print_epoch(metrics, session.task.primary_head, is_best)
+        if verdict is not None:
+            print(verdict.message(), flush=True)
+
+    def judge(self, session: Session, metrics: Dict[str, Any]) -> Optional[guard.Verdict]:
+        """The guard's verdict on the epochs so far, once per run (distilled students only); it only reports."""
+        if self.guard_fired or session.teacher_accuracy is None:
+            return None
+        verdict = guard.judge_config(session.cfg, [*session.run.metrics(), metrics], session.teacher_accuracy.top1)
+        self.guard_fired = verdict is not None
+        return verdict
 
     def finish(self, session: Session, result: RunResult) -> None:
         rows = session.run.metrics()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from timm.scheduler import create_scheduler_v2
 
 import cskd.engine
+import cskd.teachers
 from cskd.checkpoint import load_state, load_weights, save_weights
 from cskd.config import load_config
 from cskd.distributed import DistEnv
@@ -205,6 +206,46 @@ def test_teacher_training_writes_a_loadable_teacher(tmp_path):
     teacher = create_teacher(spec.model, 10, 1, checkpoint=result.run_dir, **spec.kwargs)
     dense, global_logits = teacher(torch.rand(2, 1, 32, 32))
     assert dense.shape == (2, 10, 4, 4) and global_logits.shape == (2, 10)
+    run_dir = RunDir(result.run_dir)  # no teacher to report, nothing for the guard to judge
+    assert run_dir.teacher_val_top1 is None and not any("guard" in row for row in run_dir.metrics())
+
+
+@pytest.mark.slow
+def test_a_teacher_weaker_than_the_labels_gets_one_guard_message_recorded_in_its_epoch(tmp_path, capsys, monkeypatch,
+                                                                                       micro_teacher):
+    """The random-weight micro teacher (about 10%) against a student the labels lift above it in one epoch."""
+    cfg = load_config(None, [*quick_overrides(tmp_path), *micro_teacher])
+    train(cfg, show_progress=False)
+    out = capsys.readouterr().out
+    run_dir = RunDir(tmp_path / "run")
+    teacher = run_dir.teacher_accuracy
+    assert teacher.images == 128 and f"teacher: cskd_resnet_micro {teacher.top1:.2f}% top-1" in out
+    guarded = [row for row in run_dir.metrics() if "guard" in row]
+    assert len(guarded) == 1 and out.count("  guard (epoch ") == 1
+    row, record = guarded[0], guarded[0]["guard"]
+    # judged on the row itself: one epoch done of two is past guard.min_progress (0.25), and the
+    # class token's figure is that epoch's, above the teacher's
+    assert row["epoch"] == 1 and record["fired"] and record["reason"] == "cls_above_teacher"
+    assert record["teacher_top1"] == teacher.top1 < row["val_top1_cls"] == record["cls_top1"]
+    assert (f"guard (epoch 1): the class token (label-trained) reaches {row['val_top1_cls']:.1f}% on validation, above the "
+            f"teacher's {teacher.top1:.1f}%") in out
+    assert "loss.deit_type=none loss.cskd_type=none" in out and "this run goes on unchanged" in out
+
+    # a resume neither measures the teacher again nor repeats the message
+    monkeypatch.setattr(cskd.teachers, "measure_teacher", lambda *a, **k: pytest.fail("the teacher was measured again"))
+    train(load_config(None, [*quick_overrides(tmp_path, **{"train.epochs": 3}), *micro_teacher]), resume=True, show_progress=False)
+    out = capsys.readouterr().out
+    assert "(as this run recorded it)" in out and "guard (" not in out
+    assert [row["epoch"] for row in run_dir.metrics() if "guard" in row] == [1]
+
+
+@pytest.mark.slow
+def test_a_run_whose_class_token_stays_below_the_teacher_records_no_guard(tmp_path, capsys):
+    # the packaged 92% teacher; guard.margin=100 leaves only condition (a) to judge
+    train(load_config(None, quick_overrides(tmp_path, **{"guard.margin": 100})), show_progress=False)
+    run_dir = RunDir(tmp_path / "run")
+    assert run_dir.teacher_val_top1 > max(row["val_top1_cls"] for row in run_dir.metrics())
+    assert not any("guard" in row for row in run_dir.metrics()) and "guard (" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
