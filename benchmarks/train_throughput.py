@@ -24,9 +24,9 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from cskd.distributed import DistEnv, pick_device
-from cskd.engine import Normalization, StepContext, train_one_epoch
+from cskd.engine import Normalization, StepContext
 from cskd.loss import CSKDLoss
-from cskd.measure.training import NoSchedule, images_per_second, random_cache, synthetic_batches
+from cskd.measure.training import NoSchedule, random_cache, synthetic_batches, training_rates
 from cskd.models import create_student, create_teacher
 from cskd.tasks import StudentTask
 from cskd.teachers import CachedTeacher, LoadedTeacher, OnlineTeacher
@@ -78,12 +78,7 @@ def main() -> None:
     batches = synthetic_batches(args.batch, args.steps, preset["in_chans"], preset["img_size"], preset["num_classes"], count,
                                 device)
 
-    for ctx in contexts.values():  # warm-up (allocator, kernels, autotuning)
-        train_one_epoch(ctx, batches[:3], 0, 3, 3 * args.steps)
-    rates = {mode: [] for mode in MODES}
-    for _ in range(args.rounds):
-        for mode, ctx in contexts.items():
-            rates[mode].append(images_per_second(ctx, batches))
+    rates = dict(zip(contexts, training_rates(list(contexts.values()), batches, args.rounds)))
 
     median = {mode: statistics.median(r) for mode, r in rates.items()}
     result = {

@@ -35,7 +35,7 @@ TINY = [f"{DEMO_STUDENT}:embed_dim=32,depth=1,num_heads=2", f"{DEMO_STUDENT}:emb
 
 def tiny_options(tmp_path, micro_teacher, **kwargs) -> PlanOptions:
     """Two one- and two-block candidates against the micro teacher, timed briefly: seconds."""
-    values = dict(overrides=micro_teacher, candidates=[parse_candidate(t) for t in TINY], rounds=1, iters=3, train_steps=1,
+    values = dict(overrides=micro_teacher, candidates=[parse_candidate(t) for t in TINY], rounds=1, iters=3, train_steps=1, train_rounds=1,
                   out=tmp_path / "plan", show_progress=False)
     return PlanOptions(**{**values, **kwargs})
 
@@ -195,7 +195,7 @@ def test_bad_options_are_refused_naming_the_value_and_the_allowed_set(tmp_path, 
 def test_cli_plans_two_candidates_and_writes_the_table_json_plot_and_commands(micro_teacher, tmp_path, capsys):
     out = tmp_path / "plan"
     code = main(["plan", *micro_teacher, "--candidates", *TINY, "--max-latency-ms", "1000", "--rounds", "1", "--iters", "2",
-                 "--train-steps", "1", "--no-progress", "--out", str(out)])
+                 "--train-steps", "1", "--train-rounds", "1", "--no-progress", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
     result = json.loads((out / "plan.json").read_text())

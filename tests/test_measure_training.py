@@ -8,7 +8,7 @@ import torch
 
 from cskd.config import load_config
 from cskd.data.datasets import build_dataset
-from cskd.measure.training import random_cache, synthetic_batches, training_rate
+from cskd.measure.training import random_cache, step_context, synthetic_batches, training_rates
 from cskd.tasks import get_task
 
 
@@ -26,10 +26,13 @@ def test_synthetic_batches_carry_what_the_loader_records():
 
 
 @pytest.mark.parametrize("overrides", [[], ["loss.deit_type=none", "loss.cskd_type=none"]])
-def test_the_training_rate_of_a_tiny_student_is_measured(tmp_path, overrides):
+def test_training_rates_are_measured_per_context_and_round(tmp_path, overrides):
     cfg = load_config(None, ["student.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "train.batch_size=8", *overrides])
     _, info = build_dataset(cfg.data.name, "val")
     spec = get_task("student").spec(cfg, info)
     distils = get_task("student").distils(cfg)
     cache = random_cache(tmp_path, 64, info.num_classes, (4, 4), None) if distils else None
-    assert training_rate(cfg, spec, cache, torch.device("cpu"), steps=2, warmup=1) > 0
+    contexts = [step_context(cfg, spec, cache, torch.device("cpu")) for _ in range(2)]
+    batches = synthetic_batches(8, 2, 1, 32, 10, 64, torch.device("cpu"))
+    rates = training_rates(contexts, batches, rounds=2, warmup=1)
+    assert len(rates) == 2 and all(len(r) == 2 and min(r) > 0 for r in rates)  # per context, per round

@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-images", type=int, default=64, help="int8: training images each candidate is calibrated on")
     p.add_argument("--rounds", type=int, default=5, help="interleaved benchmark rounds (default 5)")
     p.add_argument("--iters", type=int, default=20, help="timed calls per model, batch size and round")
-    p.add_argument("--train-steps", type=int, default=10, help="timed training steps per candidate (after 3 of warm-up)")
+    p.add_argument("--train-steps", type=int, default=5, help="timed training steps per candidate and round (after 3 of warm-up)")
+    p.add_argument("--train-rounds", type=int, default=3, help="interleaved rounds of training steps (median reported)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
     p.add_argument("--proxy-epochs", type=int, default=0, help="train the candidates within budget this many epochs from the "
                                                                "cached teacher and rank them by fused top-1")
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend, precision=args.precision, batch_sizes=args.batch_sizes, served=args.served,
         served_seconds=args.served_seconds, max_latency_ms=args.max_latency_ms, min_speedup=args.min_speedup,
         candidates=[parse_candidate(text) for text in args.candidates or []], calib_images=args.calib_images,
-        rounds=args.rounds, iters=args.iters, train_steps=args.train_steps, threads=args.threads,
+        rounds=args.rounds, iters=args.iters, train_steps=args.train_steps, train_rounds=args.train_rounds,
+        threads=args.threads,
         proxy_epochs=args.proxy_epochs, train=args.train, out=args.out, show_progress=not args.no_progress)
     result = plan(options)
     print(format_plan(result))

@@ -23,6 +23,7 @@ OUT/proxy/LABEL/, OUT/train/LABEL/   --proxy-epochs and --train runs
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from cskd.checkpoint import save_weights
 from cskd.config import Config, load_config
 from cskd.data.datasets import DatasetInfo, build_dataset
 from cskd.distributed import pick_device
+from cskd.engine import StepContext
 from cskd.errors import CSKDError, did_you_mean
 from cskd.export.exporter import ExportOptions, export_model
 from cskd.export.formats import PRECISIONS, check_export_args
@@ -42,7 +44,7 @@ from cskd.measure.bench import BenchOptions, run_bench
 from cskd.measure.candidates import Candidate, default_family, label, train_command
 from cskd.measure.plots import plot_plan
 from cskd.measure.served import ServedOptions
-from cskd.measure.training import random_cache, training_rate
+from cskd.measure.training import random_cache, step_context, synthetic_batches, training_rates
 from cskd.models import DenseTeacher
 from cskd.pairing import count_flops, count_params
 from cskd.progress import progress
@@ -79,7 +81,8 @@ class PlanOptions:
     calib_images: int = 64  # int8: training images to calibrate each candidate on (the recipe as it is, no tuning)
     rounds: int = 5  # interleaved benchmark rounds
     iters: int = 20  # timed calls per model, batch size and round
-    train_steps: int = 10  # timed training steps per candidate (after 3 of warm-up)
+    train_steps: int = 5  # timed training steps per candidate and round (after 3 of warm-up)
+    train_rounds: int = 3  # interleaved rounds of them (the median is reported)
     threads: Optional[int] = None  # onnxruntime threads (default: all cores)
     proxy_epochs: int = 0  # train every candidate within budget this many epochs and rank them by accuracy
     train: bool = False  # then train the pick with the full configuration
@@ -97,9 +100,9 @@ class Planned:
     overrides: List[str]  # what turns the user's config into that one
     params: int  # of the fused (deployed) model
     flops: int  # per image, fused model, batch 1
-    train_images_per_s: float
     run_dir: Path
     package: Path
+    train_images_per_s: float = 0.0  # measured once every candidate is built
     measured: Dict[str, Any] = field(default_factory=dict)  # p50 per batch size, speedup, served figures, budget, proxy
 
 
@@ -116,10 +119,14 @@ def check_options(options: PlanOptions) -> None:
         if value is not None and value <= 0:
             raise CSKDError(f"{flag} {value} is not a positive number; give the budget as, e.g., {flag} 4")
     for flag, value, least in (("--rounds", options.rounds, 1), ("--iters", options.iters, 1), ("--train-steps", options.train_steps, 1),
+                               ("--train-rounds", options.train_rounds, 1),
                                ("--calib-images", options.calib_images, 1), ("--proxy-epochs", options.proxy_epochs, 0)):
         if value < least:
             raise CSKDError(f"{flag} {value} is below {least}; pass a count of at least {least}")
-    check_export_args(BACKENDS[options.backend], options.precision, "float").preflight(None)  # e.g. no TensorRT here
+    try:
+        check_export_args(BACKENDS[options.backend], options.precision, "float").preflight(None)
+    except CSKDError as exc:  # e.g. no TensorRT here: the fix for a plan is another target
+        raise CSKDError(f"--backend {options.backend}: {exc}; or plan for --backend onnxruntime or openvino") from None
 
 
 def plan(options: PlanOptions, log: Callable[[str], None] = print) -> Dict[str, Any]:
@@ -128,7 +135,7 @@ def plan(options: PlanOptions, log: Callable[[str], None] = print) -> Dict[str, 
     check_options(options)
     notes: List[str] = []
     base = load_config(options.config, options.overrides, notes)
-    _check_proxy(base, options)
+    _check_config(base, options)
     out = Path(options.out) if options.out else RunDir.default_path("plan")
     out.mkdir(parents=True, exist_ok=True)
     export_log = _file_log(out / "plan.log")
@@ -136,20 +143,30 @@ def plan(options: PlanOptions, log: Callable[[str], None] = print) -> Dict[str, 
     candidates = list(options.candidates) or default_family(base.student.model, base.student.kwargs, base.student.img_size,
                                                             base.student.patch_size)
     cache = _training_cache(base, info, out)
+    device = pick_device(base.train.device)
     planned: List[Planned] = []
-    with progress(len(candidates) + 1, "plan: build, time a training step, export", "model", options.show_progress) as bar:
+    steps: List[StepContext] = []
+    with progress(len(candidates) + 1, "plan: build, export", "model", options.show_progress) as bar:
         for candidate in candidates:
-            planned.append(_prepare(candidate, options, base, info, cache, out, export_log))
+            candidate_plan, step = _prepare(candidate, options, base, info, cache, device, out, export_log)
+            planned.append(candidate_plan)
+            steps.append(step)
             bar.update(1)
         teacher, teacher_net = _teacher_package(options, base, info, planned[0].run_dir, out, export_log)
         teacher_cost = _cost(teacher_net, (info.channels, base.student.img_size, base.student.img_size))
         bar.update(1)
+    batches = synthetic_batches(base.train.batch_size, options.train_steps, info.channels, base.student.img_size,
+                                info.num_classes, cache.manifest.count if cache is not None else 1, device)
+    rates = training_rates(steps, batches, options.train_rounds)
+    for candidate_plan, rounds in zip(planned, rates):
+        candidate_plan.train_images_per_s = statistics.median(rounds)
+    del steps, batches  # the networks and optimiser states: not needed for timing the engines
     bench = run_bench([p.package for p in planned], teacher, _bench_options(options, out), export_log)
     teacher_figures = _record(planned, bench, options)
 
-    def write() -> Dict[str, Any]:  # after the measurement, and again after any training
+    def write(**extra: Any) -> Dict[str, Any]:  # after the measurement, and again after any training
         result = _result(options, base, info, planned, teacher, teacher_cost, teacher_figures, notes, out)
-        result["wall_s"] = round(time.perf_counter() - started, 1)
+        result.update(extra, wall_s=round(time.perf_counter() - started, 1))
         atomic_write_json(out / "plan.json", result)
         plot_plan(result, out / "plan.png")
         return result
@@ -159,15 +176,15 @@ def plan(options: PlanOptions, log: Callable[[str], None] = print) -> Dict[str, 
         _proxy(options, base, planned, out)
         result = write()
     if options.train:
-        trained = train_pick(options, result)
-        result = write()
-        result["trained"] = trained
-        atomic_write_json(out / "plan.json", result)
+        result = write(trained=train_pick(options, result))
     return result
 
 
-def _check_proxy(cfg: Config, options: PlanOptions) -> None:
-    """``--proxy-epochs`` trains from the cached teacher: refuse a config without one before any work."""
+def _check_config(cfg: Config, options: PlanOptions) -> None:
+    """A config that trains a student and, for ``--proxy-epochs``, caches its teacher: refused before any work."""
+    if cfg.train.target != "student":
+        raise CSKDError(f"cskd plan chooses a student, and this config trains the {cfg.train.target} (train.target="
+                        f"{cfg.train.target}); plan with a student config (the demo's, or train.target=student)")
     if options.proxy_epochs and get_task(cfg.train.target).distils(cfg) and not cfg.teacher.cache:
         raise CSKDError("--proxy-epochs trains every candidate within budget from the cached teacher, and this config runs the "
                         "teacher online (no teacher.cache); cache it once with `cskd cache-teacher` (the same config and "
@@ -204,8 +221,9 @@ def candidate_config(options: PlanOptions, candidate: Candidate, base: Config, e
 
 
 def _prepare(candidate: Candidate, options: PlanOptions, base: Config, info: DatasetInfo, cache: Optional[TeacherCache],
-             out: Path, log: Callable[[str], None]) -> Planned:
-    """Build ``candidate`` untrained, save it as a run directory, measure its cost and export it."""
+             device: torch.device, out: Path, log: Callable[[str], None]) -> Tuple[Planned, StepContext]:
+    """Build ``candidate`` untrained, save it as a run directory, count its cost and export it; with its
+    training step (timed later, with the others, interleaved)."""
     cfg, overrides = candidate_config(options, candidate, base)
     task = get_task("student")
     spec = task.spec(cfg, info)
@@ -219,10 +237,9 @@ def _prepare(candidate: Candidate, options: PlanOptions, base: Config, info: Dat
     run.save_config(cfg)
     save_weights(run.best, task.weights(model), spec, {"epoch": 0, "untrained": True})
     params, flops = _cost(task.deployable(model), (spec.in_chans, spec.img_size, spec.img_size))
-    rate = training_rate(cfg, spec, cache, pick_device(cfg.train.device), options.train_steps)
     log(f"== {name}: {cfg.student.model} {dict(cfg.student.kwargs)} patch {spec.patch_size}")
     package, _ = export_model(run.path, _export_options(options, out / "packages" / name, options.precision), log)
-    return Planned(candidate, name, cfg, overrides, params, flops, rate, run.path, package)
+    return Planned(candidate, name, cfg, overrides, params, flops, run.path, package), step_context(cfg, spec, cache, device)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -82,10 +82,11 @@ def images_per_second(ctx: StepContext, batches: List[Batch]) -> float:
     return sum(len(images) for images, _, _ in batches) / (time.perf_counter() - start)
 
 
-def step_context(cfg: Config, spec: ModelSpec, teacher: Optional[CachedTeacher], device: torch.device) -> StepContext:
+def step_context(cfg: Config, spec: ModelSpec, cache: Optional[TeacherCache], device: torch.device) -> StepContext:
     """The training step of ``cfg`` for a fresh network of ``spec``: its task's loss, its optimiser
-    (rate as the run scales it), mixing and precision, with ``teacher``'s targets (None: no distillation)."""
+    (rate as the run scales it), mixing and precision, with targets read from ``cache`` (None: no distillation)."""
     task = get_task(cfg.train.target)
+    teacher = CachedTeacher(cache) if cache is not None else None
     torch.manual_seed(cfg.train.seed)
     model = task.build(spec, task.drop_path(cfg)).to(device)
     mixup = build_mixup(cfg.data, cfg.train.batch_size, spec.num_classes)
@@ -97,15 +98,14 @@ def step_context(cfg: Config, spec: ModelSpec, teacher: Optional[CachedTeacher],
                        decay=cfg.loss.decay, ckf_progress=cfg.loss.ckf_progress)
 
 
-def training_rate(cfg: Config, spec: ModelSpec, cache: Optional[TeacherCache], device: torch.device, steps: int = 10,
-                  warmup: int = 3) -> float:
-    """Images/s of ``cfg``'s training step for a network of ``spec`` on ``device`` with teacher targets
-    read from ``cache`` (None: the run does not distil), after ``warmup`` steps (allocator, kernels)."""
-    teacher = CachedTeacher(cache) if cache is not None else None
-    ctx = step_context(cfg, spec, teacher, device)
-    count = cache.manifest.count if cache is not None else 1
-    batches = synthetic_batches(cfg.train.batch_size, warmup + steps, spec.in_chans, spec.img_size, spec.num_classes, count,
-                                device)
-    if warmup:
+def training_rates(contexts: Sequence[StepContext], batches: List[Batch], rounds: int = 3, warmup: int = 3) -> List[List[float]]:
+    """Images/s of each context's step over ``batches``, per round: ``warmup`` steps each first
+    (allocator, kernels), then ``rounds`` rounds with the contexts interleaved round by round, so that
+    drift of a busy machine hits all alike (as ``cskd bench`` interleaves the models it times)."""
+    for ctx in contexts:
         train_one_epoch(ctx, batches[:warmup], 0, warmup, warmup)
-    return images_per_second(ctx, batches[warmup:])
+    rates: List[List[float]] = [[] for _ in contexts]
+    for _ in range(rounds):
+        for ctx, own in zip(contexts, rates):
+            own.append(images_per_second(ctx, batches))
+    return rates
