@@ -17,6 +17,7 @@ from cskd.measure.candidates import (
     flow_mapping,
     parse_candidate,
     train_command,
+    unique,
 )
 from cskd.pairing import count_params
 from cskd.tasks import get_task
@@ -95,3 +96,10 @@ def test_the_train_command_quotes_what_the_shell_would_split():
     command = train_command("my.yaml", ["data.path=/a b", "student.kwargs=" + flow_mapping({"embed_dim": 96, "depth": 4})])
     assert command == "cskd train --config my.yaml 'data.path=/a b' 'student.kwargs={embed_dim: 96, depth: 4}'"
     assert flow_mapping({}) == "{}"
+
+
+def test_the_same_network_twice_is_planned_once():
+    config_patch = parse_candidate(f"{DEMO_STUDENT}:depth=2")
+    explicit = parse_candidate(f"{DEMO_STUDENT}:depth=2,patch_size=4")
+    assert unique([config_patch, explicit], 4) == [config_patch]  # the config's patch size is 4: one network
+    assert unique([config_patch, explicit], 8) == [config_patch, explicit]

@@ -41,7 +41,7 @@ from cskd.export.exporter import ExportOptions, export_model
 from cskd.export.formats import PRECISIONS, check_export_args
 from cskd.files import atomic_write_json
 from cskd.measure.bench import BenchOptions, run_bench
-from cskd.measure.candidates import Candidate, default_family, label, train_command
+from cskd.measure.candidates import Candidate, default_family, label, train_command, unique
 from cskd.measure.plots import plot_plan
 from cskd.measure.served import ServedOptions
 from cskd.measure.training import random_cache, step_context, synthetic_batches, training_rates
@@ -140,8 +140,8 @@ def plan(options: PlanOptions, log: Callable[[str], None] = print) -> Dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     export_log = _file_log(out / "plan.log")
     _, info = build_dataset(base.data.name, "val", base.data.path, base.data.channels)
-    candidates = list(options.candidates) or default_family(base.student.model, base.student.kwargs, base.student.img_size,
-                                                            base.student.patch_size)
+    candidates = unique(options.candidates, base.student.patch_size) or default_family(
+        base.student.model, base.student.kwargs, base.student.img_size, base.student.patch_size)
     cache = _training_cache(base, info, out)
     device = pick_device(base.train.device)
     planned: List[Planned] = []
