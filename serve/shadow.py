@@ -341,16 +341,22 @@ class ShadowTeacher:
             self._capture(sample, student_top1, teacher_top1, teacher_probs)
 
     def _check_alert(self, agreement: float) -> None:
-        """Warn once when the window's agreement falls below the threshold, and once when it is back."""
-        if self.alert is None or len(self.window.pairs) < min(self.settings.shadow_window, 100):
+        """Warn once when the window's agreement falls below the threshold, and once when it is clearly back.
+
+        Judged on a full window only: a part-filled one is a noisier estimate than the one the threshold
+        was chosen for. Back means two standard errors of that estimate above the threshold, so that an
+        agreement that hovers at the threshold does not warn at every sample (it did, before)."""
+        samples = len(self.window.pairs)
+        if self.alert is None or samples < self.settings.shadow_window:
             return
+        rearm = self.alert + 2 * (self.alert * (1 - self.alert) / samples) ** 0.5
         if agreement < self.alert and not self.alerting:
             self.alerting = True
             logger.warning("shadow teacher: %s agrees with its teacher %s on %.1f%% of the last %d sampled images, below the "
                            "alert threshold of %.1f%%: the traffic may have drifted from the training data (GET /v1/shadow "
                            "has the confusion by class)", self.student.name, self.teacher.name, 100 * agreement,
                            len(self.window.pairs), 100 * self.alert)
-        elif agreement >= self.alert and self.alerting:
+        elif agreement >= rearm and self.alerting:
             self.alerting = False
             logger.warning("shadow teacher: agreement of %s with %s is back to %.1f%% (threshold %.1f%%)", self.student.name,
                            self.teacher.name, 100 * agreement, 100 * self.alert)

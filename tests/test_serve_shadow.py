@@ -257,3 +257,23 @@ def test_a_folder_of_packages_is_served_whole_and_two_of_one_name_are_refused(pa
     with pytest.raises(CSKDError, match="NAME=PATH"):
         resolve_packages([str(student), str(repository / "a")])
     assert isinstance(resolve_packages([f"x={student}"])[0], NamedPackage)
+
+
+def test_an_agreement_hovering_at_the_threshold_warns_once_and_is_back_once_clearly_above(packages, caplog):
+    shadow = shadow_for(read_package(packages[0]), rate=1.0, shadow_window=100, shadow_alert=0.8)
+    def feed(agree: bool) -> None:
+        shadow.window.add(0, 0 if agree else 1)
+        shadow._check_alert(shadow.window.agreement)
+
+    with caplog.at_level(logging.WARNING, logger="cskd.serve.shadow"):
+        for i in range(99):
+            feed(i % 5 != 0)  # 80% agree: a part-filled window is not judged
+        assert not shadow.alerting
+        for agree in [False, True] * 40:  # hovering at 79-80%
+            feed(agree)
+        assert shadow.alerting
+        for _ in range(100):
+            feed(True)  # clearly back
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("below the alert threshold" in m for m in messages) == 1
+    assert sum("is back to" in m for m in messages) == 1 and not shadow.alerting
