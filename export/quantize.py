@@ -50,7 +50,10 @@ class Tuning:
     inputs: np.ndarray  # engine inputs [N, C, H, W]
     reference: np.ndarray  # the fp32 model's logits on them
     labels: np.ndarray
-    min_agreement: float = 99.5  # % top-1 agreement with fp32 (the gate asks 99 on other images)
+    # % top-1 agreement with fp32. The gate asks 99 on other images (200-500 of them): chosen at 99.5,
+    # an int8 model is refused there by sampling alone about one time in twelve (expected 1-2.5 flips,
+    # 3-6 refused; seen with onnxruntime 1.32 on a weak student); at 99.8, about one in a thousand.
+    min_agreement: float = 99.8
     max_drop: float = 0.3  # accuracy points lost (the gate allows 0.5)
 
 

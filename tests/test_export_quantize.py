@@ -48,7 +48,7 @@ def outlier_model(trained_run, tmp_path_factory):
     scale("model.trunk.blocks.0.norm1.bias", 1000.0)
     scale(qkv.input[1], 1e-3, row=3)
     onnx.save(model, str(folder / "outlier.onnx"))
-    images, labels = val_images(400)
+    images, labels = val_images(1000)  # 800 tuning images: 99.8% agreement leaves room for a flip
     inputs = to_engine_input(images, "float32", spec.mean, spec.std)
     with torch.inference_mode():
         reference = module(torch.from_numpy(inputs)).numpy()
@@ -120,7 +120,7 @@ def int8_image_indices(monkeypatch, tmp_path, split_size: int, calib: int, tunin
     trained = SimpleNamespace(path=tmp_path / "student.safetensors", spec=ModelSpec("student", "any", 10, 1, 2), heads=("cls",))
     options = exporter.ExportOptions(precision="int8", calib_images=calib, tuning_images=tuning)
     feed = lambda u8: u8.astype(np.float32)  # noqa: E731
-    context = exporter._build_context(tmp_path, lambda x: torch.zeros(len(x), 10), trained, options, np.zeros((2, 1, 1, 2)),
+    context = exporter._build_context(tmp_path, lambda x: torch.zeros(len(x), 10), trained, None, options, np.zeros((2, 1, 1, 2)),
                                       feed, tmp_path, log)
     index = lambda batch: (batch[:, 0, 0, 0] + 256 * batch[:, 0, 0, 1]).astype(int).tolist()  # noqa: E731
     calibrated = [i for batch in context.calibration() for i in index(batch)]  # first, as the exporter does
