@@ -237,6 +237,7 @@ class ShadowTeacher:
         if self.alert is not None:
             metrics.shadow_alert_threshold.labels(*labels).set(self.alert)
         self._thread: Optional[threading.Thread] = None
+        self._outstanding = 0  # samples queued or being judged: offered, outcome not recorded yet
 
     # --- on the event loop: the student's path -------------------------------------------------------
 
@@ -246,6 +247,8 @@ class ShadowTeacher:
         for i in range(len(logits)):
             if self._random.random() >= self.rate:
                 continue
+            with self._lock:  # counted before the put: the teacher's thread may judge it at once
+                self._outstanding += 1
             try:
                 self._queue.put_nowait(Sample(np.array(payload[i]) if rows else payload[i], logits[i], time.time()))
             except queue.Full:
@@ -378,8 +381,10 @@ class ShadowTeacher:
         self._captured[result].inc()
 
     def _count(self, outcome: str) -> None:
+        """One sample's outcome: each sample offered gets exactly one (dropped when the queue was full)."""
         with self._lock:
             self.counts[outcome] += 1
+            self._outstanding -= 1
         self._samples[outcome].inc()
 
     # --- GET /v1/shadow ------------------------------------------------------------------------------
@@ -389,13 +394,15 @@ class ShadowTeacher:
             agreement, samples = self.window.agreement, len(self.window.pairs)
             confusion = self.window.confusion(len(self.student.package.classes))
             counts, judged = dict(self.counts), self.counts["agree"] + self.counts["disagree"]
+            outstanding = self._outstanding
             mean_prob = self.teacher_prob_sum / judged if judged else None
         return {
             "student": self.student.name, "teacher": self.teacher.name, "rate": self.rate,
             "remote": self.settings.shadow_url,
             "window": {"size": self.settings.shadow_window, "samples": samples, "agreement": agreement},
             "alert": {"threshold": self.alert, "firing": self.alerting},
-            "samples": counts, "queued": self._queue.qsize(), "queue_limit": self.settings.shadow_queue,
+            # waiting for the teacher or being judged by it: 0 means every sample offered so far has its outcome
+            "samples": counts, "queued": outstanding, "queue_limit": self.settings.shadow_queue,
             "teacher_probability_of_student_top1": {"mean": mean_prob},
             "classes": list(self.student.package.classes),
             "confusion": {"rows": "student top-1", "columns": "teacher top-1", "counts": confusion},
