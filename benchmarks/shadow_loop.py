@@ -2,11 +2,15 @@
 
     python benchmarks/shadow_loop.py --run runs/demo --data-path ../shared/data/fashion-mnist --out runs/shadow-loop
 
-The shift: the demo's garments photographed smaller and off-centre. A deployed classifier meets this
-when the images' framing changes upstream (a new app version that sends the whole photo instead of a
-tight crop, another camera distance): each Fashion-MNIST image is shrunk to 55-75% of its side and
-pasted at a random place on the black 28 x 28 background. The labels are known to this script only;
-the loop itself never sees them.
+The shift: thumbnails. A deployed classifier meets it when a client starts sending low-resolution
+images (a new app version that uploads thumbnails to save bandwidth, a listing site's previews):
+each Fashion-MNIST image is downscaled to 40-60% of its side (11-17 px) and upscaled back to 28 px,
+bilinear both ways. It was chosen over two others probed on 1,000 validation images (student /
+teacher / agreement, %): clean 84.8 / 92.6 / 88.1; thumbnails 73.4 / 84.5 / 79.9; the garment at
+75-90% of the frame, anywhere in it, 59.7 / 75.5 / 69.6; at 55-75%, 26.7 / 52.0 / 46.8. Under
+thumbnails the teacher stays good, so its answers are worth learning from, and the student loses
+more than it does: what a shadow teacher is for. The labels are known to this script only; the
+loop itself never sees them.
 
 Images: the Fashion-MNIST test split without the 2,000 the demo validates on (those stay the clean
 validation set), split into live traffic (1,000 clean, then 5,000 shifted) and 2,000 fresh shifted
@@ -45,20 +49,19 @@ from cskd.data.datasets import demo_arrays, fashion_mnist_arrays
 from cskd.measure.served import ServedOptions, Server
 
 BATCH = 32  # images per /predict request
-SHIFT_SCALE = (0.55, 0.75)
+THUMBNAIL_SCALE = (0.4, 0.6)
 
 
 def shifted(images: np.ndarray, seed: int) -> np.ndarray:
-    """Each uint8 28 x 28 image shrunk to 55-75% of its side and pasted at a random place on black."""
+    """Each uint8 image downscaled to 40-60% of its side and upscaled back (bilinear): a thumbnail."""
     rng = np.random.default_rng(seed)
-    out = np.zeros_like(images)
     side = images.shape[1]
-    for i, image in enumerate(images):
-        size = int(round(side * rng.uniform(*SHIFT_SCALE)))
-        small = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-        top, left = rng.integers(0, side - size + 1, 2)
-        out[i, top : top + size, left : left + size] = small
-    return out
+    out = []
+    for image in images:
+        small = int(round(side * rng.uniform(*THUMBNAIL_SCALE)))
+        thumbnail = Image.fromarray(image).resize((small, small), Image.BILINEAR)
+        out.append(np.asarray(thumbnail.resize((side, side), Image.BILINEAR)))
+    return np.stack(out)
 
 
 def png(image: np.ndarray) -> bytes:
@@ -142,7 +145,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="the deployed student's run directory")
     parser.add_argument("--data-path", required=True, help="Fashion-MNIST IDX folder (its test split is the traffic)")
     parser.add_argument("--precision", default="fp32", help="the deployed package's precision")
-    parser.add_argument("--alert", type=float, default=0.85, help="--shadow-alert of the live server")
+    parser.add_argument("--alert", type=float, default=0.82, help="--shadow-alert of the live server (the clean agreement is 85-88%%)")
     parser.add_argument("--window", type=int, default=500, help="--shadow-window")
     parser.add_argument("--epochs", type=int, default=8, help="epochs of the round's distillation")
     parser.add_argument("--lr", type=float, default=5e-3, help="its train.lr (the demo's is 2e-2: a quarter, as fine-tuning)")
@@ -154,7 +157,7 @@ def main() -> None:
     pools = image_pools(args.data_path)
     student = export(args.run, out, args.precision)
     teacher = export(args.run, out, args.precision, teacher=True)
-    result: Dict = {"shift": f"shrunk to {SHIFT_SCALE[0]:.0%}-{SHIFT_SCALE[1]:.0%} of the side, placed at random",
+    result: Dict = {"shift": f"thumbnails: downscaled to {THUMBNAIL_SCALE[0]:.0%}-{THUMBNAIL_SCALE[1]:.0%} of the side and back",
                     "precision": args.precision, "alert": args.alert, "timeline": []}
 
     print("1-2. fidelity, and the deployed student before", flush=True)
