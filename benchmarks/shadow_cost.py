@@ -65,7 +65,7 @@ def drain(servers: Dict[float, Server], timeout_s: float = 600.0) -> None:
             time.sleep(0.2)
 
 
-def answers_are_the_engines(server: Server, package_dir: Path, model: str, count: int = 64) -> bool:
+def answers_are_the_engines(server: Server, package_dir: Path, model: str, count: int = 32) -> bool:
     """The server's v2 logits for ``count`` validation images equal the package's engine offline."""
     from cskd.data.datasets import demo_arrays
 
@@ -75,7 +75,10 @@ def answers_are_the_engines(server: Server, package_dir: Path, model: str, count
     rows = to_engine_input(images[:count, None], spec.dtype, spec.mean, spec.std)
     body = {"inputs": [{"name": spec.name, "datatype": "FP32", "shape": list(rows.shape), "data": rows.ravel().tolist()}],
             "outputs": [{"name": "logits"}]}
-    served = httpx.post(f"{server.url}/v2/models/{model}/infer", json=body, timeout=60).json()["outputs"][0]["data"]
+    answer = httpx.post(f"{server.url}/v2/models/{model}/infer", json=body, timeout=60).json()
+    if "outputs" not in answer:
+        raise SystemExit(f"the server refused the check's {count} images: {answer}")
+    served = answer["outputs"][0]["data"]
     return bool(np.allclose(np.array(served).reshape(count, -1), backend.infer(rows), atol=1e-4))
 
 

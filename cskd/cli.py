@@ -15,7 +15,7 @@ COMMANDS = (train, cache_teacher, evaluate, export, predict, serve, bench, plan,
 
 # Commands whose KEY=VALUE overrides (a list of positionals) may stand before, between and after their
 # options: argparse's plain parsing ends the list at the first option and refuses what follows.
-INTERMIXED = ("train", "cache-teacher", "plan")
+INTERMIXED = ("train", "cache-teacher", "plan", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

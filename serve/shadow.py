@@ -50,7 +50,7 @@ from cskd.serve.state import ServedModel
 
 logger = logging.getLogger("cskd.serve.shadow")
 
-LOWEST_PRIORITY = 19  # Linux nice value of the teacher's thread
+LOWEST_NICE = 19  # where SCHED_IDLE is refused: the teacher thread's nice value
 TEACHER_BATCH = 8  # samples the teacher classifies in one call when several wait
 
 
@@ -183,6 +183,26 @@ class DisagreementCapture:
                 "max_bytes": self.max_bytes, "full": self.full}
 
 
+def lower_this_threads_priority() -> str:
+    """Put the calling thread under every other: Linux's SCHED_IDLE policy (a runnable thread of any
+    other policy preempts it at once on waking, where nice 19 still gets a share and a slice), else
+    nice 19, else nothing (other systems). Returns what was applied."""
+    tid = threading.get_native_id()
+    if hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            return "SCHED_IDLE"
+        except OSError:
+            pass
+    if sys.platform.startswith("linux"):  # a thread's own nice value only on Linux
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, LOWEST_NICE)
+            return f"nice {LOWEST_NICE}"
+        except OSError:
+            pass
+    return "unchanged"
+
+
 def image_file(payload: Union[bytes, np.ndarray], spec: InputSpec) -> Tuple[bytes, str]:
     """A sample as an image file: the client's own bytes when they are a PNG or JPEG, else a PNG of the
     pixels (a v2 tensor is turned back into pixels with the student's mean and std)."""
@@ -272,11 +292,7 @@ class ShadowTeacher:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        if sys.platform.startswith("linux"):  # a thread's own nice value; elsewhere the priority stays
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_PRIORITY)
-            except OSError:
-                pass
+        lower_this_threads_priority()
         while True:
             first = self._queue.get()
             if first is None:

@@ -103,6 +103,8 @@ def test_options_may_stand_before_between_and_after_the_overrides():
     assert str(args.config) == "finetune" and args.command == "train" and args.func is not None
     cached = parse_args(["cache-teacher", "data.workers=0", "--out", "runs/c", "student.img_size=32", "--topk", "3"])
     assert cached.overrides == ["data.workers=0", "student.img_size=32"] and (str(cached.out), cached.topk) == ("runs/c", 3)
+    served = parse_args(["serve", "runs/a", "--port", "9000", "runs/b", "--shadow", "b"])  # packages around options
+    assert served.model_dirs == ["runs/a", "runs/b"] and (served.port, served.shadow) == (9000, "b")
 
 
 @pytest.mark.parametrize("command", ["train", "cache-teacher"])

@@ -5,6 +5,8 @@ touching the student's answers, alerts, captures disagreements as a transfer set
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from dataclasses import replace
 from types import SimpleNamespace
@@ -22,7 +24,7 @@ from cskd.runtime.preprocess import decode_image, to_engine_input
 from cskd.serve.app import create_app
 from cskd.serve.metrics import create_metrics
 from cskd.serve.settings import ServeSettings
-from cskd.serve.shadow import AgreementWindow, ShadowTeacher
+from cskd.serve.shadow import AgreementWindow, ShadowTeacher, lower_this_threads_priority
 from tests.test_serve_app import metric_value, val_png_files
 
 
@@ -278,3 +280,18 @@ def test_an_agreement_hovering_at_the_threshold_warns_once_and_is_back_once_clea
     messages = [r.getMessage() for r in caplog.records]
     assert sum("below the alert threshold" in m for m in messages) == 1
     assert sum("is back to" in m for m in messages) == 1 and not shadow.alerting
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_the_teacher_thread_runs_under_sched_idle_and_leaves_the_others_as_they_were():
+    seen = {}
+
+    def teacher_thread():
+        seen["applied"] = lower_this_threads_priority()
+        seen["policy"] = os.sched_getscheduler(threading.get_native_id())  # what the kernel reports for this thread
+
+    thread = threading.Thread(target=teacher_thread)
+    thread.start()
+    thread.join()
+    assert seen == {"applied": "SCHED_IDLE", "policy": os.SCHED_IDLE}
+    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER  # the caller's thread untouched
