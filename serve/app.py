@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, List, Sequence, Tuple
+from typing import Any, Awaitable, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from fastapi import FastAPI
@@ -37,12 +38,23 @@ from cskd.serve.state import ServedModel, Serving
 logger = logging.getLogger("cskd.serve")
 
 
-def _load(entry: NamedPackage, serving: Serving) -> ServedModel:
+def engine_threads(requested: Optional[int], models: int) -> Optional[int]:
+    """Each model's onnxruntime threads: ``--threads`` when given; else one model gets onnxruntime's
+    default (every core) and several share this process's cores, at least one each. Measured on the
+    demo pair under load at once, sharing served the student 18% and the teacher 47% more than every
+    model on every core, which oversubscribes (docs/benchmarks.md, "Several models per server")."""
+    if requested or models <= 1:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // models)
+
+
+def _load(entry: NamedPackage, serving: Serving, threads: Optional[int]) -> ServedModel:
     """One package's engine, warmed up at the batch sizes it will run, behind its own batcher (in a thread)."""
     settings, metrics = serving.settings, serving.metrics
     # No spinning: idle onnxruntime threads would otherwise burn the cores the event loop,
     # the decoders, the next batch and the other models need.
-    options = BackendOptions(threads=settings.threads, spin=False, providers=settings.providers)
+    options = BackendOptions(threads=threads, spin=False, providers=settings.providers)
     backend, package = create_backend(entry.folder, settings.backend, options)
     spec, max_batch = package.input, package.batch_limit(settings.max_batch)
     for batch in sorted({1, max_batch}):  # a first call per shape allocates and picks kernels
@@ -70,8 +82,9 @@ def _lifespan(serving: Serving):
     async def lifespan(app: FastAPI):
         settings = serving.settings
         entries = resolve_packages(settings.packages)
+        threads = engine_threads(settings.threads, len(entries))
         for entry in entries:
-            model = await run_in_threadpool(_load, entry, serving)
+            model = await run_in_threadpool(_load, entry, serving, threads)
             model.batcher.start()
             serving.models[entry.name] = model
         if settings.shadow:

@@ -21,7 +21,7 @@ class ServeSettings(BaseSettings):
     grpc_port: Optional[int] = Field(None, ge=0, le=65535, description="KServe v2 gRPC port beside HTTP (None or 0: no gRPC)")
     access_log: bool = Field(False, description="one log line per request (off: it costs CPU on every request)")
     workers: int = 1  # server processes (each loads the model)
-    threads: Optional[int] = None  # onnxruntime intra-op threads per process
+    threads: Optional[int] = None  # onnxruntime intra-op threads of each model (None: see app.engine_threads)
     providers: Optional[List[str]] = Field(None, description="onnxruntime execution providers in order, e.g. "
                                            "CUDAExecutionProvider,CPUExecutionProvider (default: CUDA when available, else CPU)")
     max_batch: int = Field(32, ge=1, description="most images one inference runs together")

@@ -21,7 +21,7 @@ from cskd.measure.served import free_port
 from cskd.runtime.backends import create_backend
 from cskd.runtime.package import NamedPackage, read_package
 from cskd.runtime.preprocess import decode_image, to_engine_input
-from cskd.serve.app import create_app
+from cskd.serve.app import create_app, engine_threads
 from cskd.serve.metrics import create_metrics
 from cskd.serve.settings import ServeSettings
 from cskd.serve.shadow import AgreementWindow, ShadowTeacher, lower_this_threads_priority
@@ -295,3 +295,30 @@ def test_the_teacher_thread_runs_under_sched_idle_and_leaves_the_others_as_they_
     thread.join()
     assert seen == {"applied": "SCHED_IDLE", "policy": os.SCHED_IDLE}
     assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER  # the caller's thread untouched
+
+
+@pytest.mark.parametrize("requested, models, cores, expected", [
+    (None, 1, 2, None),  # one model: onnxruntime's default, every core
+    (None, 2, 2, 1), (None, 3, 8, 2), (None, 4, 2, 1),  # several share the cores, one each at least
+    (3, 2, 2, 3),  # --threads is what each gets
+])
+def test_several_models_share_the_cores_unless_threads_says_otherwise(monkeypatch, requested, models, cores, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert engine_threads(requested, models) == expected
+
+
+def test_each_served_model_gets_its_share_of_the_cores(packages, monkeypatch):
+    import cskd.serve.app as app_module
+
+    asked = []
+    real = app_module.create_backend
+
+    def recording(folder, backend=None, options=None):
+        asked.append(options.threads)
+        return real(folder, backend, options)
+
+    monkeypatch.setattr(app_module, "create_backend", recording)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    with TestClient(create_app(list(packages))) as c:
+        assert c.get("/readyz").status_code == 200
+    assert asked == [2, 2]
