@@ -82,7 +82,7 @@ want = [r["top"][0]["label"] for r in json.loads(sys.argv[2])]
 assert got == want, f"container answered {got}, cskd predict {want}"
 print(f"[container stage] /predict in the container agrees with cskd predict: {got}")
 PY
-for _ in $(seq 40); do
+for _ in $(seq 120); do   # the teacher runs on idle cycles (SCHED_IDLE): give it up to a minute
   shadow=$(curl -sf "http://127.0.0.1:$port/v1/shadow")
   python3 -c "import json, sys; s = json.loads(sys.argv[1])['samples']; sys.exit(s['agree'] + s['disagree'] < 3)" "$shadow" && break
   sleep 0.5

@@ -123,3 +123,9 @@ def test_a_sample_past_the_end_says_another_sample_took_the_images():
     assert len(sample_images(_Tiny(), 3, skip=8)[0]) == 2  # fewer where the data set ends
     with pytest.raises(CSKDError, match="the data set has 10 and the first 10 are another sample's"):
         sample_images(_Tiny(), 3, skip=10)
+
+
+def test_an_image_folder_given_to_a_fashion_mnist_config_is_told_to_say_imagefolder(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(CSKDError, match="image folder .* add data.name=imagefolder"):
+        read_idx_split(tmp_path, "train")

@@ -34,6 +34,9 @@ def _find(folder: Path, stem: str) -> Path:
     for candidate in (folder / f"{stem}.gz", folder / stem, folder / stem.replace("-idx", ".idx")):
         if candidate.is_file():
             return candidate
+    if (folder / "train").is_dir():  # an image folder given to a Fashion-MNIST config (e.g. --config teacher-demo)
+        raise CSKDError(f"{folder} is an image folder (it has train/), not the Fashion-MNIST IDX files this config reads; "
+                        "add data.name=imagefolder")
     raise CSKDError(
         f"no {stem}[.gz] in {folder}; set data.path to a folder holding the Fashion-MNIST IDX files "
         "(Debian: apt-get install dataset-fashion-mnist)"
