@@ -286,3 +286,20 @@ def test_a_run_with_a_transfer_set_refuses_a_cache_of_its_split_alone(tmp_path, 
     with pytest.raises(CSKDError, match=r"data_fingerprint .*`cskd cache-teacher data.unlabeled=.*more`"):
         build_teacher_targets(cfg, build_dataset("imagefolder", "val", str(tmp_path / "data"), 1)[1],
                               training_images(split, cfg.data.unlabeled, 1), torch.device("cpu"))
+
+
+def test_the_next_step_cache_teacher_prints_trains_on_the_data_it_cached(tmp_path, micro_teacher, capsys, monkeypatch):
+    """It printed `cskd train teacher.cache=OUT --config C`: without the overrides (data.path, the teacher), that
+    command trains on the demo's data and the cache no longer matches."""
+    import shlex
+
+    from cskd.cli import main, parse_args
+
+    write_imagefolder(tmp_path / "data", [(32, 32)])
+    given = ["data.name=imagefolder", f"data.path={tmp_path / 'data'}", "data.channels=1", "data.workers=0", *micro_teacher]
+    assert main(["cache-teacher", "--no-progress", "--out", str(tmp_path / "c"), *given]) == 0
+    hint = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("next: "))
+    args = parse_args(shlex.split(hint.removeprefix("next: cskd ")))
+    cfg = load_config(args.config, args.overrides)
+    assert args.command == "train" and cfg.teacher.cache == str(tmp_path / "c")
+    assert cfg.data.path == str(tmp_path / "data") and cfg.data.name == "imagefolder" and cfg.teacher.checkpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 EXAMPLES = """\
@@ -40,5 +41,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / f"cache-{cfg.teacher.model}-{cfg.data.name}-{cfg.student.img_size}px"
     cache_teacher(cfg, out, args.topk, args.shard_size, args.batch_size, args.device, show_progress=not args.no_progress)
-    print(f"next: cskd train teacher.cache={out}" + (f" --config {args.config}" if args.config else ""))
+    # the same config and overrides, so the hint trains on the data the cache was made for
+    given = " ".join(shlex.quote(o) for o in args.overrides)
+    print("next: cskd train" + (f" --config {args.config}" if args.config else "") + (f" {given}" if given else "")
+          + f" teacher.cache={out}")
     return 0
