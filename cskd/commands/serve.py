@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--grpc-port", type=int, help=f"KServe v2 gRPC port (default {DEFAULT_GRPC_PORT}; 0: no gRPC)")
     p.add_argument("--workers", type=int, help="server processes, each with its own copy of the model")
-    p.add_argument("--threads", type=int, help="onnxruntime threads of each model (default: every core for one model, an equal share of the cores for several)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads of each model (default: every core for one model, "
+                   "an equal share of the cores for several)")
     p.add_argument("--providers", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
                    help="onnxruntime execution providers in order, comma-separated (e.g. TensorrtExecutionProvider,"
                         "CUDAExecutionProvider); default: CUDA when onnxruntime-gpu has it, else the CPU")
