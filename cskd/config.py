@@ -113,7 +113,8 @@ class LossConfig:
 class GuardConfig:
     # Distilled student runs: say once when distillation from this teacher pulls the student down (cskd.guard);
     # training itself is never changed.
-    margin: float = 1.0  # points the teacher-taught heads may trail the class token; set from docs/benchmarks.md "When does CSKD pay?"
+    margin: float = 1.0  # points the teacher-taught heads may trail the class token: the least that never fired where CSKD
+    # paid and fired on every run from a teacher below no KD (docs/benchmarks.md "When does CSKD pay?")
     min_progress: float = 0.25  # judge only after this share of the epochs (early epochs are noisy)
 
 
