@@ -20,19 +20,17 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import httpx
 import numpy as np
+import perf_analyzer_client  # benchmarks/, beside this script
 
 from cskd.measure.served import ServedOptions, Server
 from cskd.runtime.backends import BackendOptions, create_backend
 from cskd.runtime.package import read_package
-
-HERE = Path(__file__).resolve().parent
 
 
 def histogram_totals(url: str) -> Dict[str, float]:
@@ -63,18 +61,6 @@ def engine_alone(folder: Path, threads: int, seconds: float = 3.0) -> float:
     return 1000 * statistics.median(times)
 
 
-def client_c1(tools: Path, url: str, model: str, window_ms: int, csv_path: Path) -> float:
-    import csv
-    import os
-
-    env = {**os.environ, "LD_LIBRARY_PATH": f"{tools / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    subprocess.run([str(tools / "perf_analyzer"), "-m", model, "-u", url, "-i", "http", "-b", "1", "--input-data", "zero",
-                    "--concurrency-range", "1", "--measurement-interval", str(window_ms), "--stability-percentage", "25",
-                    "--max-trials", "10", "-f", str(csv_path)], env=env, capture_output=True, text=True, check=True)
-    with csv_path.open() as f:
-        return float(next(csv.DictReader(f))["p50 latency"]) / 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--packages", type=Path, nargs="+", required=True)
@@ -85,8 +71,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("c1-breakdown"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    tools = Path(subprocess.run(["bash", str(HERE / "perf_analyzer_install.sh")], capture_output=True, text=True,
-                                check=True).stdout.strip())
+    tools = perf_analyzer_client.install()
     settings = [(p, t) for p in args.packages for t in args.threads]
     servers: Dict[tuple, Server] = {}
     figures: Dict[tuple, List[Dict[str, float]]] = {s: [] for s in settings}
@@ -101,8 +86,8 @@ def main() -> None:
                 server, model = servers[setting], read_package(package).name
                 engine = engine_alone(package, threads)
                 before = histogram_totals(server.url)
-                client = client_c1(tools, server.url.removeprefix("http://"), model, args.window_ms,
-                                   args.out / f"{package.name}-t{threads}.r{round_}.csv")
+                client = perf_analyzer_client.measure(tools, server.url.removeprefix("http://"), model, 1, args.window_ms,
+                                                      args.out / f"{package.name}-t{threads}.r{round_}.csv")["p50_ms"]
                 after = histogram_totals(server.url)
                 calls = after["infer_count"] - before["infer_count"]
                 requests = after["request_count"] - before["request_count"]

@@ -19,41 +19,21 @@ Writes OUT/shadow_cost.json and prints the table.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import httpx
 import numpy as np
+import perf_analyzer_client  # benchmarks/, beside this script
 from PIL import Image
 
 from cskd.measure.served import ServedOptions, Server
 from cskd.runtime.backends import create_backend
 from cskd.runtime.package import read_package
 from cskd.runtime.preprocess import resize_and_crop, to_engine_input
-
-HERE = Path(__file__).resolve().parent
-
-
-def perf_analyzer(tools: Path, url: str, model: str, concurrency: int, window_ms: int, csv_path: Path,
-                  check: bool = True) -> Dict[str, float]:
-    env = {**os.environ, "LD_LIBRARY_PATH": f"{tools / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    command = [str(tools / "perf_analyzer"), "-m", model, "-u", url, "-i", "http", "-b", "1", "--input-data", "zero",
-               "--concurrency-range", str(concurrency), "--measurement-interval", str(window_ms),
-               "--stability-percentage", "25", "--max-trials", "10", "-f", str(csv_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if not check:
-        return {}
-    if done.returncode != 0:
-        raise SystemExit(f"perf_analyzer failed on {url}: {done.stdout[-1500:]}{done.stderr[-500:]}")
-    with csv_path.open() as f:
-        row = next(csv.DictReader(f))
-    return {"throughput": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000}
 
 
 def shadow_samples(url: str) -> Dict[str, int]:
@@ -100,8 +80,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("shadow-cost"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    tools = Path(subprocess.run(["bash", str(HERE / "perf_analyzer_install.sh")], capture_output=True, text=True,
-                                check=True).stdout.strip())
+    tools = perf_analyzer_client.install()
     model = read_package(args.student).name
     servers: Dict[float, Server] = {}
     correct: Dict[float, bool] = {}
@@ -112,15 +91,16 @@ def main() -> None:
             servers[rate] = Server(args.student, ServedOptions(serve_args=[*shadow, *args.serve_args.split()]),
                                    args.out / f"rate-{rate:g}.server.log")
         for rate, server in servers.items():  # warm-up: load only, its figures (and their stability) unused
-            perf_analyzer(tools, server.url.removeprefix("http://"), model, 1, 1000, args.out / "warmup.csv", check=False)
+            perf_analyzer_client.measure(tools, server.url.removeprefix("http://"), model, 1, 1000, args.out / "warmup.csv", check=False)
         for round_ in range(args.rounds):
             for concurrency in args.concurrency:
                 order = args.rates[round_ % len(args.rates):] + args.rates[: round_ % len(args.rates)]
                 for rate in order:
                     drain(servers)
                     before = shadow_samples(servers[rate].url)
-                    figures = perf_analyzer(tools, servers[rate].url.removeprefix("http://"), model, concurrency, args.window_ms,
-                                            args.out / f"rate-{rate:g}.c{concurrency}.r{round_}.csv")
+                    address = servers[rate].url.removeprefix("http://")
+                    figures = perf_analyzer_client.measure(tools, address, model, concurrency, args.window_ms,
+                                                           args.out / f"rate-{rate:g}.c{concurrency}.r{round_}.csv")
                     after = shadow_samples(servers[rate].url)
                     figures["samples"] = {k: after[k] - before.get(k, 0) for k in after}
                     runs[rate][concurrency].append(figures)
