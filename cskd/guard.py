@@ -10,7 +10,7 @@ fires when
 * (a) the class token's top-1 is above the teacher's own validation top-1, or
 * (b) the best teacher-taught head trails the class token by more than ``margin`` points,
 
-judged only once ``min_progress`` of the epochs are done. It only reports: ``cskd train`` prints
+judged only once ``min_progress`` of the epochs and at least :data:`WINDOW` epochs are done. It only reports: ``cskd train`` prints
 the verdict once and records it in that epoch's metrics row; training goes on unchanged.
 :func:`judge` is pure (rows in, verdict out); :func:`judge_run` replays it on a finished run.
 """
@@ -106,7 +106,7 @@ def judge(rows: Sequence[Mapping[str, Any]], teacher_top1: float, heads: Sequenc
     if not rows or epochs < 1:
         return None
     epoch = int(rows[-1]["epoch"])
-    if epoch / epochs < min_progress:
+    if epoch / epochs < min_progress or len(rows) < WINDOW:  # a short run's first epoch is one epoch, not a window
         return None
     window = rows[-WINDOW:]
     try:

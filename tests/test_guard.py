@@ -42,6 +42,14 @@ def test_nothing_is_judged_before_the_minimum_progress():
     assert judge(history, 80.0, CSKD, epochs=8, min_progress=0.25).reason == CLS_ABOVE_TEACHER  # 2 of 8
 
 
+def test_the_first_epoch_of_a_short_run_is_not_judged_alone():
+    # cskd plan's 2-epoch proxies: epoch 1 is half the run, but one epoch is not the window the guard averages
+    trailing = rows((50.0, 48.0, 47.2))
+    assert judge(trailing, 92.0, CSKD, epochs=2, margin=1.0, min_progress=0.25) is None
+    verdict = judge(rows((50.0, 48.0, 47.2), (56.0, 54.0, 53.0)), 92.0, CSKD, epochs=2, margin=1.0, min_progress=0.25)
+    assert verdict.reason == TEACHER_HEADS_TRAIL and verdict.epochs == (1, 2)  # cls 53.0 against dist 51.0
+
+
 def test_the_teacher_taught_heads_trailing_by_more_than_the_margin_fire_on_the_best_of_them():
     teacher = 90.0  # stronger than every head: only (b) can fire
     issue_28 = rows((85.8, 82.4, 83.8), (85.8, 82.4, 83.8))  # the issue's CSKD student, two epochs alike
