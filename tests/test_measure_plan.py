@@ -152,21 +152,42 @@ def test_proxy_epochs_rank_the_candidates_within_budget_and_train_trains_the_bes
 
     def fake_train(cfg, show_progress=True, **kwargs):  # what a run would report, by depth: the deeper one wins
         calls.append(cfg)
-        return SimpleNamespace(best_top1=50.0 + cfg.student.kwargs["depth"], wall_s=1.0, run_dir=cfg.output)
+        depth = cfg.student.kwargs["depth"]  # and takes longer: 3 s to start, then 4 s an epoch per block
+        RunDir(cfg.output).path.mkdir(parents=True, exist_ok=True)
+        (RunDir(cfg.output).path / RunDir.METRICS).write_text(
+            "".join(json.dumps({"epoch": e, "time_s": 3.0 + 4.0 * depth * e}) + "\n" for e in range(1, cfg.train.epochs + 1)))
+        return SimpleNamespace(best_top1=50.0 + depth, wall_s=1.0, run_dir=cfg.output)
 
     monkeypatch.setattr(plan_module, "train", fake_train)
     no_kd = ["loss.deit_type=none", "loss.cskd_type=none"]  # no teacher targets: the proxy needs no cache
-    options = tiny_options(tmp_path, micro_teacher, overrides=[*micro_teacher, *no_kd], proxy_epochs=2, train=True)
+    own = "student.kwargs={embed_dim: 32, depth: 1, num_heads: 2}"  # the config's own student is the first candidate
+    options = tiny_options(tmp_path, micro_teacher, overrides=[*micro_teacher, *no_kd, own, "train.epochs=6"], proxy_epochs=2,
+                           train=True)
     result = plan(options, log=lambda _: None)
     proxies, final = calls[:-1], calls[-1]
     assert [c.train.epochs for c in proxies] == [2, 2] and all("/proxy/" in c.output for c in proxies)
     assert [c["proxy_top1"] for c in result["candidates"]] == [51.0, 52.0]
+    # seconds per epoch between epochs 1 and 2 (the start left out); the two-block one trains half the epochs in the same time
+    assert [c["epoch_s"] for c in result["candidates"]] == [4.0, 8.0] and result["config_student"] == result["candidates"][0]["label"]
+    assert [c["equal_time_epochs"] for c in result["candidates"]] == [6, 3]
+    assert result["candidates"][1]["equal_time_command"].endswith("train.epochs=3")
+    summary = "\n".join(plan_module.format_summary(result))
+    assert "at the training time of the config's own student (6 epochs" in summary
+    table = plan_module.format_plan(result).splitlines()
+    assert table[0].endswith("equal-time epochs") and table[-1].split()[-3:] == ["52.00%", "8.0", "3"]
     assert result["pick"] == result["candidates"][1]["label"]
-    assert final.train.epochs == load_config(None, []).train.epochs and final.output.endswith(f"/train/{result['pick']}")
+    assert final.train.epochs == 6 and final.output.endswith(f"/train/{result['pick']}")  # the full configuration's epochs
     assert final.student.kwargs == result["candidates"][1]["kwargs"] and final.student.patch_size == 8
     assert result["trained"]["command"].startswith("cskd train ") and "student.patch_size=8" in result["trained"]["command"]
     saved = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert saved["trained"]["best_top1"] == 52.0 and saved["candidates"][1]["proxy_top1"] == 52.0
+
+
+def test_seconds_per_epoch_leave_the_start_out_where_two_epochs_show_it():
+    rows = [{"epoch": 1, "time_s": 30.0}, {"epoch": 2, "time_s": 40.0}, {"epoch": 3, "time_s": 52.0}]
+    assert plan_module.epoch_seconds(rows) == 11.0  # (52 - 30) / 2
+    assert plan_module.epoch_seconds(rows[:1]) == 30.0 and plan_module.epoch_seconds([]) is None
+    assert plan_module.equal_time_epochs(24, 38.6, 13.1) == 71 and plan_module.equal_time_epochs(2, 1.0, 9.0) == 1
 
 
 def test_proxy_epochs_need_a_cached_teacher(micro_teacher, tmp_path):

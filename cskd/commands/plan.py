@@ -53,7 +53,9 @@ def add_parser(sub) -> None:
     p.add_argument("--train-rounds", type=int, default=3, help="interleaved rounds of training steps (median reported)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
     p.add_argument("--proxy-epochs", type=int, default=0, help="train the candidates within budget this many epochs from the "
-                                                               "cached teacher and rank them by fused top-1")
+                                                               "cached teacher and rank them by fused top-1; their real seconds per "
+                                                               "epoch give each one's epochs in the training time of the "
+                                                               "config's own student")
     p.add_argument("--train", action="store_true", help="then train the pick (best proxy top-1, else most FLOPs within "
                                                         "budget) with the full configuration")
     p.add_argument("--out", type=Path, help="output folder (default: runs/plan-<timestamp>)")

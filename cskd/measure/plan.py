@@ -9,7 +9,9 @@ in one interleaved ``cskd bench`` run (:func:`cskd.measure.bench.run_bench`). Be
 parameters and FLOPs of the fused model (:func:`cskd.pairing.count_flops`) and the images/s of its
 training step on this machine (:mod:`cskd.measure.training`). A budget (batch-1 latency, or speedup
 over the teacher) marks the candidates that meet it; ``--proxy-epochs`` trains those for a few epochs
-and ranks them by accuracy; ``--train`` trains the pick with the full configuration.
+and ranks them by accuracy, and the seconds per epoch those runs measure (data loading and validation
+included, which the synthetic step leaves out) give each candidate's epochs in the training time of
+the config's own student; ``--train`` trains the pick with the full configuration.
 
 ```
 OUT/plan.json, plan.png, plan.log    the table as JSON, latency against FLOPs, what the exports said
@@ -353,13 +355,41 @@ def budget_ms(teacher_ms: float, options: PlanOptions) -> Optional[float]:
 
 
 def _proxy(options: PlanOptions, base: Config, planned: List[Planned], out: Path) -> None:
-    """Train each candidate within budget for ``proxy_epochs`` from the cached teacher; record its best fused top-1."""
+    """Train each candidate within budget for ``proxy_epochs`` from the cached teacher; record its best fused
+    top-1 and what an epoch of it really costs here (data loading and validation included), and from that
+    the epochs each gets in the training time of the config's own student (when that one was trained too)."""
     for p in (p for p in planned if p.measured["within_budget"]):
         cfg, _ = candidate_config(options, p.candidate, base, [f"train.epochs={options.proxy_epochs}",
                                                                  f"output={out / 'proxy' / p.label}"])
         print(f"cskd plan: proxy training {p.label} for {options.proxy_epochs} epochs -> {cfg.output}", flush=True)
         result = train(cfg, show_progress=options.show_progress)
-        p.measured.update(proxy_top1=result.best_top1, proxy_wall_s=round(result.wall_s, 1))
+        p.measured.update(proxy_top1=result.best_top1, proxy_wall_s=round(result.wall_s, 1),
+                          epoch_s=epoch_seconds(RunDir(result.run_dir).metrics()))
+    own = next((p for p in planned if p.candidate.key(base.student.patch_size) == _own_key(base)), None)
+    reference = own.measured.get("epoch_s") if own is not None else None
+    for p in planned:
+        if reference and p.measured.get("epoch_s"):
+            p.measured["equal_time_epochs"] = equal_time_epochs(base.train.epochs, reference, p.measured["epoch_s"])
+
+
+def epoch_seconds(rows: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """Seconds per epoch of a run from its metrics rows' clock (``time_s``, since the run started): the
+    mean between the first and last epoch, which leaves out the start (building, the teacher's pass);
+    a one-epoch run has only its first epoch, start included. None without rows."""
+    times = [float(row["time_s"]) for row in rows if "time_s" in row]
+    if not times:
+        return None
+    return round((times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[0], 2)
+
+
+def equal_time_epochs(epochs: int, reference_epoch_s: float, epoch_s: float) -> int:
+    """The epochs a candidate trains in the time ``epochs`` of the reference take (at least one)."""
+    return max(1, round(epochs * reference_epoch_s / epoch_s))
+
+
+def _own_key(base: Config) -> Any:
+    """The key of the config's own student among the candidates."""
+    return Candidate(base.student.model, dict(base.student.kwargs), base.student.patch_size).key(base.student.patch_size)
 
 
 def pick(candidates: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
@@ -395,10 +425,13 @@ def _result(options: PlanOptions, base: Config, info: DatasetInfo, planned: List
         "label": p.label, "model": p.candidate.model, "kwargs": dict(p.candidate.kwargs), "patch_size": p.config.student.patch_size,
         "params": p.params, "flops": p.flops, "train_images_per_s": p.train_images_per_s, **p.measured,
         "overrides": p.overrides, "command": train_command(options.config, [*options.overrides, *p.overrides]),
+        "equal_time_command": (train_command(options.config, [*options.overrides, *p.overrides,
+                                                              f"train.epochs={p.measured['equal_time_epochs']}"])
+                               if "equal_time_epochs" in p.measured else None),
         "package": str(p.package), "run_dir": str(p.run_dir),
     } for p in planned]
     chosen = pick(candidates)
-    own = Candidate(base.student.model, dict(base.student.kwargs), base.student.patch_size).key(base.student.patch_size)
+    own = _own_key(base)
     return {
         "data": {"name": base.data.name, "img_size": base.student.img_size, "channels": info.channels, "classes": info.num_classes},
         "target": {"backend": options.backend, "precision": options.precision, "batch_sizes": sorted({1, *options.batch_sizes}),
@@ -411,7 +444,8 @@ def _result(options: PlanOptions, base: Config, info: DatasetInfo, planned: List
         "candidates": candidates,
         "pick": chosen["label"] if chosen else None,
         "config_student": next((p.label for p in planned if p.candidate.key(base.student.patch_size) == own), None),
-        "config": {"config": options.config, "overrides": list(options.overrides), "train_batch_size": base.train.batch_size},
+        "config": {"config": options.config, "overrides": list(options.overrides), "train_batch_size": base.train.batch_size,
+                   "epochs": base.train.epochs},
         "notes": [*NOTES, *_config_notes(options, base), *notes],
         "out": str(out), "bench": str(out / "bench" / "bench.json"),
         "machine": {"processor": platform.processor() or platform.machine(), "system": platform.platform(),
@@ -443,25 +477,27 @@ def format_plan(result: Dict[str, Any]) -> str:
     head = (f"{'candidate':<26} {'params':>7} {'GFLOPs':>7} " + " ".join(f"{f'b{b} ms':>8}" for b in batches)
             + (f" {'served ms':>9}" if served else "") + f" {'speedup':>8} {'budget':>6} {'train img/s':>11}")
     proxy = any(c.get("proxy_top1") is not None for c in result["candidates"])
-    lines = [head + (f" {'proxy top-1':>11}" if proxy else "")]
+    lines = [head + (f" {'proxy top-1':>11} {'s/epoch':>7} {'equal-time epochs':>17}" if proxy else "")]
     teacher = result["teacher"]
-    lines.append(_row(teacher["label"], teacher["params"], teacher["flops"], teacher, batches, served, 1.0, "", None, None, proxy))
+    lines.append(_row(teacher["label"], teacher["params"], teacher["flops"], teacher, batches, served, 1.0, "", None, {}, proxy))
     for c in result["candidates"]:
         speedup = c["served_speedup"] if served else c["speedup"]["1"]
         budget = "yes" if c["within_budget"] else "no"
         lines.append(_row(c["label"] + (" *" if c["label"] == result["pick"] else ""), c["params"], c["flops"], c, batches, served,
-                          speedup, budget, c["train_images_per_s"], c.get("proxy_top1"), proxy))
+                          speedup, budget, c["train_images_per_s"], c, proxy))
     return "\n".join(lines)
 
 
 def _row(name: str, params: Optional[int], flops: Optional[int], figures: Dict[str, Any], batches: Sequence[int], served: bool,
-         speedup: float, budget: str, rate: Optional[float], proxy_top1: Optional[float], proxy: bool) -> str:
+         speedup: float, budget: str, rate: Optional[float], trained: Dict[str, Any], proxy: bool) -> str:
     text = (f"{name:<26} {_count(params, 1e6, 'M'):>7} {_count(flops, 1e9, ''):>7} "
             + " ".join(f"{figures['p50_ms'][str(b)]:>8.3f}" for b in batches)
             + (f" {figures['served_p50_ms']:>9.2f}" if served else "")
             + f" {speedup:>7.2f}x {budget:>6} {(f'{rate:.0f}' if rate is not None else '-'):>11}")
-    if proxy:
-        text += f" {(f'{proxy_top1:.2f}%' if proxy_top1 is not None else '-'):>11}"
+    if proxy:  # what the proxy runs measured: accuracy, real seconds per epoch, epochs at the config student's time
+        top1, epoch_s, epochs = trained.get("proxy_top1"), trained.get("epoch_s"), trained.get("equal_time_epochs")
+        text += (f" {(f'{top1:.2f}%' if top1 is not None else '-'):>11} {(f'{epoch_s:.1f}' if epoch_s else '-'):>7}"
+                 f" {(str(epochs) if epochs else '-'):>17}")
     return text
 
 
@@ -483,5 +519,11 @@ def format_summary(result: Dict[str, Any]) -> List[str]:
              + (f"; the config's own student: {result['config_student']}" if result["config_student"] else "")]
     for c in within:
         lines.append(f"  {c['label']}: {c['command']}")
+    timed = [c for c in within if c.get("equal_time_command")]
+    if timed:
+        epochs = result["config"].get("epochs")
+        lines.append(f"at the training time of the config's own student ({epochs} epochs; each candidate's epochs from the "
+                     "seconds per epoch its proxy run measured here):")
+        lines += [f"  {c['label']}: {c['equal_time_command']}" for c in timed]
     lines += [f"note: {note}" for note in result["notes"]]
     return lines
