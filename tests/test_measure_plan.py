@@ -159,14 +159,18 @@ def test_proxy_epochs_rank_the_candidates_within_budget_and_train_trains_the_bes
         return SimpleNamespace(best_top1=50.0 + depth, wall_s=1.0, run_dir=cfg.output)
 
     monkeypatch.setattr(plan_module, "train", fake_train)
+    # the step rates the plan measured: the two-block candidate trains half as many images a second
+    monkeypatch.setattr(plan_module, "training_rates", lambda steps, batches, rounds: [[400.0], [200.0]])
     no_kd = ["loss.deit_type=none", "loss.cskd_type=none"]  # no teacher targets: the proxy needs no cache
     own = "student.kwargs={embed_dim: 32, depth: 1, num_heads: 2}"  # the config's own student is the first candidate
-    options = tiny_options(tmp_path, micro_teacher, overrides=[*micro_teacher, *no_kd, own, "train.epochs=6"], proxy_epochs=2,
+    options = tiny_options(tmp_path, micro_teacher, overrides=[*micro_teacher, *no_kd, own, "train.epochs=6"], proxy_epochs=4,
                            train=True)
     result = plan(options, log=lambda _: None)
     proxies, final = calls[:-1], calls[-1]
-    assert [c.train.epochs for c in proxies] == [2, 2] and all("/proxy/" in c.output for c in proxies)
+    # equal time: the config's student 4 epochs, the one half as fast 2
+    assert [c.train.epochs for c in proxies] == [4, 2] and all("/proxy/" in c.output for c in proxies)
     assert [c["proxy_top1"] for c in result["candidates"]] == [51.0, 52.0]
+    assert [c["proxy_epochs"] for c in result["candidates"]] == [4, 2]
     # seconds per epoch between epochs 1 and 2 (the start left out); the two-block one trains half the epochs in the same time
     assert [c["epoch_s"] for c in result["candidates"]] == [4.0, 8.0] and result["config_student"] == result["candidates"][0]["label"]
     assert [c["equal_time_epochs"] for c in result["candidates"]] == [6, 3]
@@ -174,11 +178,12 @@ def test_proxy_epochs_rank_the_candidates_within_budget_and_train_trains_the_bes
     summary = "\n".join(plan_module.format_summary(result))
     assert "at the training time of the config's own student (6 epochs" in summary
     table = plan_module.format_plan(result).splitlines()
-    assert table[0].endswith("equal-time epochs") and table[-1].split()[-3:] == ["52.00%", "8.0", "3"]
+    assert table[0].endswith("equal-time epochs") and table[-1].split()[-5:] == ["52.00%", "(2", "ep)", "8.0", "3"]
     assert result["pick"] == result["candidates"][1]["label"]
-    assert final.train.epochs == 6 and final.output.endswith(f"/train/{result['pick']}")  # the full configuration's epochs
+    assert final.train.epochs == 3 and final.output.endswith(f"/train/{result['pick']}")  # in the own student's 6 epochs' time
     assert final.student.kwargs == result["candidates"][1]["kwargs"] and final.student.patch_size == 8
-    assert result["trained"]["command"].startswith("cskd train ") and "student.patch_size=8" in result["trained"]["command"]
+    assert result["trained"]["command"].startswith("cskd train ") and "student.patch_size=8 " in result["trained"]["command"]
+    assert "train.epochs=3" in result["trained"]["command"]
     saved = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert saved["trained"]["best_top1"] == 52.0 and saved["candidates"][1]["proxy_top1"] == 52.0
 
@@ -188,6 +193,17 @@ def test_seconds_per_epoch_leave_the_start_out_where_two_epochs_show_it():
     assert plan_module.epoch_seconds(rows) == 11.0  # (52 - 30) / 2
     assert plan_module.epoch_seconds(rows[:1]) == 30.0 and plan_module.epoch_seconds([]) is None
     assert plan_module.equal_time_epochs(24, 38.6, 13.1) == 71 and plan_module.equal_time_epochs(2, 1.0, 9.0) == 1
+
+
+def test_a_same_epochs_proxy_schedule_trains_each_candidate_the_proxy_epochs(micro_teacher, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(plan_module, "train", lambda cfg, **kwargs: calls.append(cfg.train.epochs) or SimpleNamespace(
+        best_top1=50.0, wall_s=1.0, run_dir=cfg.output))
+    monkeypatch.setattr(plan_module, "training_rates", lambda steps, batches, rounds: [[400.0], [100.0]])
+    no_kd = ["loss.deit_type=none", "loss.cskd_type=none"]
+    plan(tiny_options(tmp_path, micro_teacher, overrides=[*micro_teacher, *no_kd], proxy_epochs=3, proxy_schedule="epochs"),
+         log=lambda _: None)
+    assert calls == [3, 3]
 
 
 def test_proxy_epochs_need_a_cached_teacher(micro_teacher, tmp_path):
@@ -202,6 +218,7 @@ def test_proxy_epochs_need_a_cached_teacher(micro_teacher, tmp_path):
     (dict(batch_sizes=[0, 8]), "--batch-sizes takes positive numbers"),
     (dict(min_speedup=0.0), "--min-speedup 0.0 is not a positive number"),
     (dict(proxy_epochs=-1), "--proxy-epochs -1 is below 0"),
+    (dict(proxy_schedule="wall"), "--proxy-schedule wall is not one of time, epochs"),
 ])
 def test_bad_options_are_refused_naming_the_value_and_the_allowed_set(tmp_path, options, fragment):
     with pytest.raises(CSKDError) as error:

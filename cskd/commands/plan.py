@@ -15,7 +15,7 @@ examples:
   cskd plan --config my.yaml data.path=ROOT --teacher runs/teacher/export-onnx-fp32    # your data, a teacher package
   cskd plan --candidates cskd_deit_nano_distilled_patch4_32:embed_dim=128,depth=6,num_heads=4 \\
       deit_tiny_distilled_patch16_224:patch_size=8          # your own candidates: timm NAME[:key=value,...]
-  cskd plan --precision int8 --min-speedup 4 --proxy-epochs 3 --train    # rank by 3 epochs, then train the best
+  cskd plan --precision int8 --min-speedup 4 --proxy-epochs 3 --train    # rank in the time of 3 demo epochs, train the best
   cskd plan --served --min-speedup 3                      # judged behind cskd serve (hey at concurrency 1)
 
 Each candidate is built untrained from the config and its overrides, exported as `cskd export` would
@@ -52,12 +52,15 @@ def add_parser(sub) -> None:
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps per candidate and round (after 3 of warm-up)")
     p.add_argument("--train-rounds", type=int, default=3, help="interleaved rounds of training steps (median reported)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
-    p.add_argument("--proxy-epochs", type=int, default=0, help="train the candidates within budget this many epochs from the "
-                                                               "cached teacher and rank them by fused top-1; their real seconds per "
-                                                               "epoch give each one's epochs in the training time of the "
-                                                               "config's own student")
+    p.add_argument("--proxy-epochs", type=int, default=0, help="train the candidates within budget briefly from the cached "
+                                                               "teacher, the config's student this many epochs and each other "
+                                                               "one in the same time, and rank them by fused top-1; their real "
+                                                               "seconds per epoch give each one's epochs in the config "
+                                                               "student's full training time")
+    p.add_argument("--proxy-schedule", default="time", help="time (default): equal training time per candidate; epochs: "
+                                                            "--proxy-epochs each")
     p.add_argument("--train", action="store_true", help="then train the pick (best proxy top-1, else most FLOPs within "
-                                                        "budget) with the full configuration")
+                                                        "budget), in the config student's training time when measured")
     p.add_argument("--out", type=Path, help="output folder (default: runs/plan-<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         candidates=[parse_candidate(text) for text in args.candidates or []], calib_images=args.calib_images,
         rounds=args.rounds, iters=args.iters, train_steps=args.train_steps, train_rounds=args.train_rounds,
         threads=args.threads,
-        proxy_epochs=args.proxy_epochs, train=args.train, out=args.out, show_progress=not args.no_progress)
+        proxy_epochs=args.proxy_epochs, proxy_schedule=args.proxy_schedule, train=args.train, out=args.out,
+        show_progress=not args.no_progress)
     result = plan(options)
     print(format_plan(result))
     print("\n".join(format_summary(result)))

@@ -59,6 +59,11 @@ from cskd.train import train
 
 # The target backend -> the export format that runs on it.
 BACKENDS = {"onnxruntime": "onnx", "openvino": "onnx", "tensorrt": "trt"}
+# How the proxy runs are made comparable: in equal training time (the question a plan answers: which
+# student is best for this budget at the time its training can take; on the demo a same-epochs proxy
+# ranked the deepest candidate second and equal-time training ranked it last, docs/benchmarks.md),
+# or in equal epochs.
+PROXY_SCHEDULES = ("time", "epochs")
 PARITY_IMAGES = 64  # the parity figures of an untrained package are recorded, not gated: a few images do
 NOTES = (
     "weights: untrained (latency does not depend on them); the parity gate is off and model.json says so",
@@ -86,7 +91,8 @@ class PlanOptions:
     train_steps: int = 5  # timed training steps per candidate and round (after 3 of warm-up)
     train_rounds: int = 3  # interleaved rounds of them (the median is reported)
     threads: Optional[int] = None  # onnxruntime threads (default: all cores)
-    proxy_epochs: int = 0  # train every candidate within budget this many epochs and rank them by accuracy
+    proxy_epochs: int = 0  # train the candidates within budget briefly and rank them by accuracy (see proxy_schedule)
+    proxy_schedule: str = "time"  # time: each the time proxy_epochs of the config's student take; epochs: proxy_epochs each
     train: bool = False  # then train the pick with the full configuration
     out: Optional[Path] = None  # None: runs/plan-<timestamp>
     show_progress: bool = True
@@ -125,6 +131,9 @@ def check_options(options: PlanOptions) -> None:
                                ("--calib-images", options.calib_images, 1), ("--proxy-epochs", options.proxy_epochs, 0)):
         if value < least:
             raise CSKDError(f"{flag} {value} is below {least}; pass a count of at least {least}")
+    if options.proxy_schedule not in PROXY_SCHEDULES:
+        raise CSKDError(f"--proxy-schedule {options.proxy_schedule} is not one of {', '.join(PROXY_SCHEDULES)}"
+                        f"{did_you_mean(options.proxy_schedule, PROXY_SCHEDULES)}")
     try:
         check_export_args(BACKENDS[options.backend], options.precision, "float").preflight(None)
     except CSKDError as exc:  # e.g. no TensorRT here: the fix for a plan is another target
@@ -355,17 +364,24 @@ def budget_ms(teacher_ms: float, options: PlanOptions) -> Optional[float]:
 
 
 def _proxy(options: PlanOptions, base: Config, planned: List[Planned], out: Path) -> None:
-    """Train each candidate within budget for ``proxy_epochs`` from the cached teacher; record its best fused
-    top-1 and what an epoch of it really costs here (data loading and validation included), and from that
+    """Train each candidate within budget briefly from the cached teacher (``proxy_schedule``: in the time
+    ``proxy_epochs`` of the config's student take by the step rates measured, or ``proxy_epochs`` each);
+    record its best fused top-1 and what an epoch of it really costs here (data loading and validation included), and from that
     the epochs each gets in the training time of the config's own student (when that one was trained too)."""
-    for p in (p for p in planned if p.measured["within_budget"]):
-        cfg, _ = candidate_config(options, p.candidate, base, [f"train.epochs={options.proxy_epochs}",
-                                                                 f"output={out / 'proxy' / p.label}"])
-        print(f"cskd plan: proxy training {p.label} for {options.proxy_epochs} epochs -> {cfg.output}", flush=True)
-        result = train(cfg, show_progress=options.show_progress)
-        p.measured.update(proxy_top1=result.best_top1, proxy_wall_s=round(result.wall_s, 1),
-                          epoch_s=epoch_seconds(RunDir(result.run_dir).metrics()))
     own = next((p for p in planned if p.candidate.key(base.student.patch_size) == _own_key(base)), None)
+    within = [p for p in planned if p.measured["within_budget"]]
+    if not within:
+        return
+    # equal time: the step rates measured above scale the epochs, the config's student (else the slowest within budget) at proxy_epochs
+    pace = own or min(within, key=lambda p: p.train_images_per_s)
+    for p in within:
+        epochs = (options.proxy_epochs if options.proxy_schedule == "epochs" else
+                  equal_time_epochs(options.proxy_epochs, 1 / pace.train_images_per_s, 1 / p.train_images_per_s))
+        cfg, _ = candidate_config(options, p.candidate, base, [f"train.epochs={epochs}", f"output={out / 'proxy' / p.label}"])
+        print(f"cskd plan: proxy training {p.label} for {epochs} epochs -> {cfg.output}", flush=True)
+        result = train(cfg, show_progress=options.show_progress)
+        p.measured.update(proxy_top1=result.best_top1, proxy_epochs=epochs, proxy_wall_s=round(result.wall_s, 1),
+                          epoch_s=epoch_seconds(RunDir(result.run_dir).metrics()))
     reference = own.measured.get("epoch_s") if own is not None else None
     for p in planned:
         if reference and p.measured.get("epoch_s"):
@@ -403,15 +419,19 @@ def pick(candidates: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 
 
 def train_pick(options: PlanOptions, result: Dict[str, Any], log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """``--train``: train the plan's pick with the full configuration (the command printed first)."""
+    """``--train``: train the plan's pick, in the training time of the config's own student where the proxy
+    runs measured it (its equal-time epochs), else with the config's epochs (the command printed first)."""
     chosen = pick(result["candidates"])
     if chosen is None:
         raise CSKDError("no candidate is within the budget, so there is nothing to train; relax --max-latency-ms / "
                         "--min-speedup or add smaller --candidates")
     output = Path(result["out"]) / "train" / chosen["label"]
-    command = train_command(options.config, [*options.overrides, *chosen["overrides"], f"output={output}"])
-    log(f"cskd plan: training {chosen['label']}: {command}")
-    cfg = load_config(options.config, [*options.overrides, *chosen["overrides"], f"output={output}"])
+    # in the training time of the config's own student where the proxies measured it, else the config's epochs
+    timed = [f"train.epochs={chosen['equal_time_epochs']}"] if chosen.get("equal_time_epochs") else []
+    overrides = [*options.overrides, *chosen["overrides"], *timed, f"output={output}"]
+    command = train_command(options.config, overrides)
+    log(f"cskd plan: training {chosen['label']}" + (" in the config's student's training time" if timed else "") + f": {command}")
+    cfg = load_config(options.config, overrides)
     run = train(cfg, show_progress=options.show_progress)
     return {"label": chosen["label"], "command": command, "run": str(run.run_dir), "best_top1": run.best_top1}
 
@@ -477,7 +497,7 @@ def format_plan(result: Dict[str, Any]) -> str:
     head = (f"{'candidate':<26} {'params':>7} {'GFLOPs':>7} " + " ".join(f"{f'b{b} ms':>8}" for b in batches)
             + (f" {'served ms':>9}" if served else "") + f" {'speedup':>8} {'budget':>6} {'train img/s':>11}")
     proxy = any(c.get("proxy_top1") is not None for c in result["candidates"])
-    lines = [head + (f" {'proxy top-1':>11} {'s/epoch':>7} {'equal-time epochs':>17}" if proxy else "")]
+    lines = [head + (f" {'proxy top-1':>16} {'s/epoch':>7} {'equal-time epochs':>17}" if proxy else "")]
     teacher = result["teacher"]
     lines.append(_row(teacher["label"], teacher["params"], teacher["flops"], teacher, batches, served, 1.0, "", None, {}, proxy))
     for c in result["candidates"]:
@@ -496,7 +516,8 @@ def _row(name: str, params: Optional[int], flops: Optional[int], figures: Dict[s
             + f" {speedup:>7.2f}x {budget:>6} {(f'{rate:.0f}' if rate is not None else '-'):>11}")
     if proxy:  # what the proxy runs measured: accuracy, real seconds per epoch, epochs at the config student's time
         top1, epoch_s, epochs = trained.get("proxy_top1"), trained.get("epoch_s"), trained.get("equal_time_epochs")
-        text += (f" {(f'{top1:.2f}%' if top1 is not None else '-'):>11} {(f'{epoch_s:.1f}' if epoch_s else '-'):>7}"
+        cell = f"{top1:.2f}% ({trained['proxy_epochs']} ep)" if top1 is not None else "-"
+        text += (f" {cell:>16} {(f'{epoch_s:.1f}' if epoch_s else '-'):>7}"
                  f" {(str(epochs) if epochs else '-'):>17}")
     return text
 
