@@ -71,18 +71,21 @@ def frontier(plan: Dict, full: Dict[str, Path], proxies: Dict[str, Path]) -> Dic
         if label not in candidates:
             raise SystemExit(f"{label} is not a candidate of the plan ({', '.join(candidates)})")
         c = candidates[label]
-        proxy_top1, proxy_epoch_s = c.get("proxy_top1"), c.get("epoch_s")
+        proxy_top1, proxy_epochs, proxy_epoch_s = c.get("proxy_top1"), c.get("proxy_epochs"), c.get("epoch_s")
         if label in proxies:
             proxy = run_figures(proxies[label])
-            proxy_top1, proxy_epoch_s = proxy["best_top1"], proxy["epoch_s"]
+            proxy_top1, proxy_epochs, proxy_epoch_s = proxy["best_top1"], proxy["epochs"], proxy["epoch_s"]
+        if proxy_top1 is not None and proxy_epochs is None:  # a plan from before proxies recorded their epochs: all the same
+            proxy_epochs = plan["options"]["proxy_epochs"]
         rows.append({"label": label, "params": c["params"], "flops": c["flops"], "b1_ms": c["p50_ms"]["1"],
-                     "speedup": c["speedup"]["1"], "proxy_top1": proxy_top1, "proxy_epoch_s": proxy_epoch_s,
+                     "speedup": c["speedup"]["1"], "proxy_top1": proxy_top1, "proxy_epochs": proxy_epochs, "proxy_epoch_s": proxy_epoch_s,
                      "equal_time_epochs": c.get("equal_time_epochs"), **{f"full_{k}": v for k, v in run_figures(run).items()}})
     ranked = [r for r in rows if r["proxy_top1"] is not None]
     tau = kendall_tau_b([r["proxy_top1"] for r in ranked], [r["full_top1"] for r in ranked]) if len(ranked) > 1 else None
     teacher = plan["teacher"]
-    return {"plan": plan["out"], "budget_ms": plan["budget"]["latency_ms"], "target": plan["target"],
-            "proxy_epochs": plan["options"]["proxy_epochs"],
+    return {"plan": plan["out"], "budget_ms": plan["budget"]["latency_ms"], "min_speedup": plan["budget"]["min_speedup"],
+            "target": plan["target"],
+            "proxy_epochs": plan["options"]["proxy_epochs"], "proxy_schedule": plan["options"].get("proxy_schedule", "epochs"),
             "teacher": {"label": teacher["label"], "b1_ms": teacher["p50_ms"]["1"], "top1": plan.get("teacher_top1")},
             "rows": sorted(rows, key=lambda r: r["b1_ms"]), "kendall_tau_b": tau, "ranked": len(ranked)}
 
@@ -91,13 +94,14 @@ def markdown(result: Dict) -> str:
     lines = ["| candidate | params | GFLOPs | int8 b1 ms | speedup | proxy top-1 | epochs | full top-1 (last) | wall |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: -r["full_top1"]):
-        proxy = f"{r['proxy_top1']:.2f}" if r["proxy_top1"] is not None else "-"
+        proxy = f"{r['proxy_top1']:.2f} ({r['proxy_epochs']} ep)" if r["proxy_top1"] is not None else "-"
         minutes, seconds = divmod(int(round(r["full_wall_s"])), 60)
         lines.append(f"| {r['label']} | {r['params'] / 1e6:.2f}M | {r['flops'] / 1e9:.3f} | {r['b1_ms']:.3f} | {r['speedup']:.2f}x | "
                      f"{proxy} | {r['full_epochs']} | {r['full_top1']:.2f} | {minutes}m{seconds:02d}s |")
     tau = result["kendall_tau_b"]
     lines.append("")
-    lines.append(f"Kendall tau-b, proxy ({result['proxy_epochs']} epochs) against full top-1 over {result['ranked']} candidates: "
+    lines.append(f"Kendall tau-b, proxy ({result['proxy_epochs']} epochs of the config's student, schedule "
+                 f"{result['proxy_schedule']}) against full top-1 over {result['ranked']} candidates: "
                  + (f"{tau:.2f}" if tau is not None else "-"))
     return "\n".join(lines)
 
@@ -116,17 +120,19 @@ def plot(result: Dict, teacher_top1: float, path: Path) -> None:
                       textcoords="offset points")
     left.scatter([result["teacher"]["b1_ms"]], [teacher_top1], marker="*", s=160, color="tab:red", zorder=3, label="teacher")
     if result["budget_ms"]:
-        left.axvline(result["budget_ms"], color="grey", linestyle="--", label="budget (4x the teacher)")
+        speedup = f", {result['min_speedup']:g}x the teacher" if result["min_speedup"] else ""
+        left.axvline(result["budget_ms"], color="grey", linestyle="--", label=f"budget ({result['budget_ms']:.2f} ms{speedup})")
     left.set_xscale("log")
     left.set_xlabel(f"engine latency, batch 1, {result['target']['precision']} (ms, log)")
     left.set_ylabel("validation top-1, fused, last epoch (%)")
     left.set_title("accuracy at the demo's training time")
-    left.legend(fontsize=8, loc="lower right")
+    left.legend(fontsize=8, loc="upper center")
     ranked = [r for r in rows if r["proxy_top1"] is not None]
     right.scatter([r["proxy_top1"] for r in ranked], [r["full_top1"] for r in ranked], color="tab:green", zorder=3)
     for r in ranked:
         right.annotate(r["label"], (r["proxy_top1"], r["full_top1"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    right.set_xlabel(f"proxy top-1 after {result['proxy_epochs']} epochs (%)")
+    right.set_xlabel(f"proxy top-1 (%): the time of {result['proxy_epochs']} epochs of the config's student each"
+                     if result["proxy_schedule"] == "time" else f"proxy top-1 after {result['proxy_epochs']} epochs (%)")
     right.set_ylabel("full top-1 at equal time (%)")
     tau = result["kendall_tau_b"]
     right.set_title(f"proxy ranking against full: Kendall tau-b {tau:.2f}" if tau is not None else "proxy ranking")
