@@ -11,7 +11,7 @@ training step on this machine (:mod:`cskd.measure.training`). A budget (batch-1 
 over the teacher) marks the candidates that meet it; ``--proxy-epochs`` trains those for a few epochs
 and ranks them by accuracy, and the seconds per epoch those runs measure (data loading and validation
 included, which the synthetic step leaves out) give each candidate's epochs in the training time of
-the config's own student; ``--train`` trains the pick with the full configuration.
+the config's own student; ``--train`` trains the pick in that time (else with the config's epochs).
 
 ```
 OUT/plan.json, plan.png, plan.log    the table as JSON, latency against FLOPs, what the exports said
@@ -93,7 +93,7 @@ class PlanOptions:
     threads: Optional[int] = None  # onnxruntime threads (default: all cores)
     proxy_epochs: int = 0  # train the candidates within budget briefly and rank them by accuracy (see proxy_schedule)
     proxy_schedule: str = "time"  # time: each the time proxy_epochs of the config's student take; epochs: proxy_epochs each
-    train: bool = False  # then train the pick with the full configuration
+    train: bool = False  # then train the pick, in the config student's training time where the proxies measured it
     out: Optional[Path] = None  # None: runs/plan-<timestamp>
     show_progress: bool = True
 
@@ -368,7 +368,7 @@ def _proxy(options: PlanOptions, base: Config, planned: List[Planned], out: Path
     ``proxy_epochs`` of the config's student take by the step rates measured, or ``proxy_epochs`` each);
     record its best fused top-1 and what an epoch of it really costs here (data loading and validation included), and from that
     the epochs each gets in the training time of the config's own student (when that one was trained too)."""
-    own = next((p for p in planned if p.candidate.key(base.student.patch_size) == _own_key(base)), None)
+    own = _own_student(planned, base)
     within = [p for p in planned if p.measured["within_budget"]]
     if not within:
         return
@@ -403,9 +403,10 @@ def equal_time_epochs(epochs: int, reference_epoch_s: float, epoch_s: float) -> 
     return max(1, round(epochs * reference_epoch_s / epoch_s))
 
 
-def _own_key(base: Config) -> Any:
-    """The key of the config's own student among the candidates."""
-    return Candidate(base.student.model, dict(base.student.kwargs), base.student.patch_size).key(base.student.patch_size)
+def _own_student(planned: List[Planned], base: Config) -> Optional[Planned]:
+    """The config's own student among the candidates, if it is one."""
+    own = Candidate(base.student.model, dict(base.student.kwargs), base.student.patch_size).key(base.student.patch_size)
+    return next((p for p in planned if p.candidate.key(base.student.patch_size) == own), None)
 
 
 def pick(candidates: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
@@ -451,7 +452,7 @@ def _result(options: PlanOptions, base: Config, info: DatasetInfo, planned: List
         "package": str(p.package), "run_dir": str(p.run_dir),
     } for p in planned]
     chosen = pick(candidates)
-    own = _own_key(base)
+    own = _own_student(planned, base)
     return {
         "data": {"name": base.data.name, "img_size": base.student.img_size, "channels": info.channels, "classes": info.num_classes},
         "target": {"backend": options.backend, "precision": options.precision, "batch_sizes": sorted({1, *options.batch_sizes}),
@@ -463,7 +464,7 @@ def _result(options: PlanOptions, base: Config, info: DatasetInfo, planned: List
                     "params": teacher_cost[0], "flops": teacher_cost[1], "package": str(teacher), **teacher_figures},
         "candidates": candidates,
         "pick": chosen["label"] if chosen else None,
-        "config_student": next((p.label for p in planned if p.candidate.key(base.student.patch_size) == own), None),
+        "config_student": own.label if own is not None else None,
         "config": {"config": options.config, "overrides": list(options.overrides), "train_batch_size": base.train.batch_size,
                    "epochs": base.train.epochs},
         "notes": [*NOTES, *_config_notes(options, base), *notes],
@@ -499,24 +500,24 @@ def format_plan(result: Dict[str, Any]) -> str:
     proxy = any(c.get("proxy_top1") is not None for c in result["candidates"])
     lines = [head + (f" {'proxy top-1':>16} {'s/epoch':>7} {'equal-time epochs':>17}" if proxy else "")]
     teacher = result["teacher"]
-    lines.append(_row(teacher["label"], teacher["params"], teacher["flops"], teacher, batches, served, 1.0, "", None, {}, proxy))
+    lines.append(_row(teacher["label"], teacher["params"], teacher["flops"], teacher, batches, served, 1.0, "", None, proxy))
     for c in result["candidates"]:
         speedup = c["served_speedup"] if served else c["speedup"]["1"]
         budget = "yes" if c["within_budget"] else "no"
         lines.append(_row(c["label"] + (" *" if c["label"] == result["pick"] else ""), c["params"], c["flops"], c, batches, served,
-                          speedup, budget, c["train_images_per_s"], c, proxy))
+                          speedup, budget, c["train_images_per_s"], proxy))
     return "\n".join(lines)
 
 
 def _row(name: str, params: Optional[int], flops: Optional[int], figures: Dict[str, Any], batches: Sequence[int], served: bool,
-         speedup: float, budget: str, rate: Optional[float], trained: Dict[str, Any], proxy: bool) -> str:
+         speedup: float, budget: str, rate: Optional[float], proxy: bool) -> str:
     text = (f"{name:<26} {_count(params, 1e6, 'M'):>7} {_count(flops, 1e9, ''):>7} "
             + " ".join(f"{figures['p50_ms'][str(b)]:>8.3f}" for b in batches)
             + (f" {figures['served_p50_ms']:>9.2f}" if served else "")
             + f" {speedup:>7.2f}x {budget:>6} {(f'{rate:.0f}' if rate is not None else '-'):>11}")
     if proxy:  # what the proxy runs measured: accuracy, real seconds per epoch, epochs at the config student's time
-        top1, epoch_s, epochs = trained.get("proxy_top1"), trained.get("epoch_s"), trained.get("equal_time_epochs")
-        cell = f"{top1:.2f}% ({trained['proxy_epochs']} ep)" if top1 is not None else "-"
+        top1, epoch_s, epochs = figures.get("proxy_top1"), figures.get("epoch_s"), figures.get("equal_time_epochs")
+        cell = f"{top1:.2f}% ({figures['proxy_epochs']} ep)" if top1 is not None else "-"
         text += (f" {cell:>16} {(f'{epoch_s:.1f}' if epoch_s else '-'):>7}"
                  f" {(str(epochs) if epochs else '-'):>17}")
     return text
