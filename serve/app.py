@@ -11,7 +11,6 @@ import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Awaitable, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -23,7 +22,6 @@ from starlette.responses import Response
 from starlette.routing import compile_path
 
 from cskd import __version__
-from cskd.errors import CSKDError
 from cskd.runtime.backends import BackendOptions, create_backend
 from cskd.runtime.package import NamedPackage, resolve_packages
 from cskd.serve.batcher import DynamicBatcher
@@ -32,10 +30,14 @@ from cskd.serve.metrics import create_metrics
 from cskd.serve.parsing import parse_count
 from cskd.serve.routers import docs, health, kserve, model, predict, shadow
 from cskd.serve.settings import ServeSettings
-from cskd.serve.shadow import create_shadow
+from cskd.serve.shadow.feed import ShadowCollector, ShadowFeed
+from cskd.serve.shadow.judge import resolve_shadow
+from cskd.serve.shadow.process import ShadowProcess
 from cskd.serve.state import ServedModel, Serving
 
 logger = logging.getLogger("cskd.serve")
+
+SHADOW_CONNECT_S = 30.0  # a worker waits this long for the shadow's first report before serving without it
 
 
 def engine_threads(requested: Optional[int], models: int) -> Optional[int]:
@@ -66,15 +68,19 @@ def _load(entry: NamedPackage, serving: Serving, threads: Optional[int]) -> Serv
     return ServedModel(entry.name, package, settings, metrics, batcher, backend.name, max_batch)
 
 
-def _shadow_entry(settings: ServeSettings, served: List[NamedPackage]) -> NamedPackage:
-    """``--shadow``: a served model's name, or a package folder of its own (not served to clients)."""
-    by_name = {entry.name: entry for entry in served}
-    if settings.shadow in by_name:
-        return by_name[settings.shadow]
-    if not Path(settings.shadow).exists():
-        raise CSKDError(f"--shadow {settings.shadow}: neither a served model ({', '.join(by_name)}) nor a package folder; "
-                        "pass the teacher's package (cskd export RUN --teacher) or the name of one served here")
-    return resolve_packages([settings.shadow])[0]
+async def _start_shadow(serving: Serving, entries: List[NamedPackage]) -> Optional[ShadowProcess]:
+    """Connect the watched model to the one shadow process: ``cskd serve``'s (its socket in the settings), or one
+    started here for an app made by ``create_app`` alone (returned, for the lifespan to stop)."""
+    settings = serving.settings
+    pair = await run_in_threadpool(resolve_shadow, settings, entries)  # refused in one line, before anything runs
+    own = None if settings.shadow_socket else await run_in_threadpool(ShadowProcess.start, settings, entries)
+    feed = ShadowFeed(settings.shadow_socket or own.socket, settings, pair.watched.name, pair.teacher.name)
+    if not await feed.connect(SHADOW_CONNECT_S):
+        logger.warning("shadow: no answer from the shadow process at %s yet; serving, and connecting in the background",
+                       feed.socket_path)
+    serving.models[pair.watched.name].on_answer, serving.shadow = feed.offer, feed
+    serving.metrics.registry.register(ShadowCollector(feed))
+    return own
 
 
 def _lifespan(serving: Serving):
@@ -87,11 +93,7 @@ def _lifespan(serving: Serving):
             model = await run_in_threadpool(_load, entry, serving, threads)
             model.batcher.start()
             serving.models[entry.name] = model
-        if settings.shadow:
-            shadow = await run_in_threadpool(create_shadow, serving.default, _shadow_entry(settings, entries), settings,
-                                             serving.metrics)
-            shadow.start()
-            serving.default.on_answer, serving.shadow = shadow.offer, shadow
+        own_shadow = await _start_shadow(serving, entries) if settings.shadow else None
         serving.ready = True
         grpc_server = None
         if settings.grpc_port:
@@ -107,7 +109,9 @@ def _lifespan(serving: Serving):
             for model in serving.models.values():
                 await model.batcher.close()  # answer everything already accepted
             if serving.shadow is not None:
-                await run_in_threadpool(serving.shadow.stop)
+                await serving.shadow.close()
+            if own_shadow is not None:
+                await run_in_threadpool(own_shadow.stop)
 
     return lifespan
 

@@ -40,21 +40,32 @@ class ServeSettings(BaseSettings):
     cors_origins: List[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
     # The shadow teacher (serve/shadow.py): a share of the student's requests also run through the teacher,
     # off the student's path, and their agreement is measured.
-    shadow: Optional[str] = Field(None, description="the teacher that watches the first model: the name of a served "
-                                  "model or a package folder (served too)")
+    shadow: Optional[str] = Field(None, description="the teacher that watches a served model: the name of a served "
+                                  "model, a package folder (run by the shadow alone, not served to clients), or NAME=PACKAGE")
+    shadow_watch: Optional[str] = Field(None, description="the served model the shadow watches (default: the first)")
     shadow_rate: float = Field(0.05, ge=0, le=1, description="share of the student's images the teacher also classifies")
     shadow_alert: Optional[float] = Field(None, ge=0, le=1, description="log a warning when the window's agreement falls "
                                           "below this")
     shadow_window: int = Field(1000, ge=10, description="samples the agreement is computed over")
     shadow_queue: int = Field(64, ge=1, description="sampled images waiting for the teacher at most; more are dropped "
                               "and counted")
-    shadow_threads: int = Field(1, ge=1, description="CPU threads of the shadow teacher (run at the lowest priority)")
+    shadow_queue_bytes: int = Field(32 << 20, ge=1 << 20, description="bytes of sampled images waiting for the teacher at "
+                                    "most (and as much again in flight from the workers); more are dropped and counted")
+    shadow_threads: int = Field(1, ge=1, description="CPU threads of the shadow teacher (its process runs at the lowest "
+                                "priority)")
     shadow_url: Optional[str] = Field(None, description="run the shadow teacher on a remote KServe v2 gRPC endpoint "
-                                      "(host:port, another cskd serve or Triton) instead of here")
+                                      "(HOST:PORT or grpc://HOST:PORT plaintext, grpcs://HOST:PORT TLS; another cskd serve "
+                                      "or Triton) instead of here")
+    shadow_api_key: Optional[str] = Field(None, description="the remote teacher's own API key (the server's api_key is "
+                                          "never sent); over TLS only, unless the remote is loopback")
+    shadow_ca: Optional[str] = Field(None, description="PEM file of the CA that signed the remote teacher's TLS certificate "
+                                     "(default: the system's roots)")
     shadow_capture: Optional[str] = Field(None, description="write every disagreeing input as an image into this folder "
-                                          "(with index.jsonl): the next round's transfer set; off by default")
+                                          "(with index.jsonl; mode 0700, files 0600): the next round's transfer set; off by default")
     shadow_capture_max_images: int = Field(10_000, ge=1)
     shadow_capture_max_bytes: int = Field(1 << 30, ge=1024)
+    # set by `cskd serve` for its workers: the socket of the one shadow process it started (serve/shadow/process.py)
+    shadow_socket: Optional[str] = None
 
     @field_validator("shadow", mode="before")
     @classmethod

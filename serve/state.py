@@ -94,7 +94,7 @@ class Serving:
     metrics: ServeMetrics
     models: Dict[str, ServedModel] = field(default_factory=dict)  # in the order given: the first is the default
     ready: bool = False  # every model loaded and warmed up
-    shadow: Optional[object] = None  # the ShadowTeacher (serve/shadow.py), when --shadow is on
+    shadow: Optional[object] = None  # the ShadowFeed to the shadow process (serve/shadow/), when --shadow is on
 
     @property
     def default(self) -> ServedModel:

@@ -1,13 +1,12 @@
 """The one-way house: import-linter's contracts (pyproject.toml) hold, and the code is lint-clean.
 
 ``cskd.export`` and ``cskd.serve`` live in top-level folders mapped by setuptools' package-dir, which
-import-linter cannot see through an editable install; the test lays the package out as a wheel
-installs it (Python files only) and lints that.
+import-linter cannot see through an editable install; scripts/lint_imports.py lays the package out as a
+wheel installs it (Python files only) and lints that, for the tests and for a checkout alike.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,27 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def installed_layout(target: Path) -> Path:
-    """Copy every package's .py files to where a wheel would put them; returns the import root."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    mapping = config["package-dir"]
-    for package in config["packages"]:
-        owner = max((name for name in mapping if package == name or package.startswith(name + ".")), key=len)
-        source = ROOT / mapping[owner] / Path(*package.split(".")[len(owner.split(".")):])
-        destination = target / Path(*package.split("."))
-        destination.mkdir(parents=True, exist_ok=True)
-        for module in source.glob("*.py"):
-            shutil.copy2(module, destination / module.name)
-    return target
-
-
-def lint_imports(import_root: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(import_root)}
-    code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
-    return subprocess.run([sys.executable, "-c", code, str(ROOT / "pyproject.toml"), "--no-cache"],
-                          capture_output=True, text=True, env=env, cwd=import_root, timeout=300)
+sys.path.insert(0, str(ROOT / "scripts"))
+from lint_imports import installed_layout, lint_imports  # noqa: E402  the script a checkout runs
 
 
 def test_import_contracts_hold(tmp_path):

@@ -195,11 +195,15 @@ def test_api_key_guards_everything_but_health(package_dir):
         assert c.post("/predict", files=image, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.post("/predict", files=image, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         name = c.get("/v1/model", headers={"Authorization": "Bearer s3cret"}).json()["name"]
-        guarded = ("/v1/model", "/metrics", "/docs", "/openapi.json", "/v2", f"/v2/models/{name}", f"/v2/models/{name}/ready",
+        guarded = ("/v1/model", "/v1/models", "/metrics", "/docs", "/openapi.json", "/v2", f"/v2/models/{name}", f"/v2/models/{name}/ready",
                    f"/v2/models/{name}/config")
         for path in guarded:  # as the README says: everything but the health checks
             assert c.get(path).status_code == 401, path
             assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
+        assert c.post("/v2/repository/index").status_code == 401
+        assert c.post("/v2/repository/index", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/v1/shadow").status_code == 401  # behind the key before it says there is no shadow
+        assert c.get("/v1/shadow", headers={"Authorization": "Bearer s3cret"}).status_code == 404
         for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
             assert c.get(path).status_code == 200
     with TestClient(create_app(package_dir)) as c:  # no key configured: open

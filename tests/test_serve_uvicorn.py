@@ -28,6 +28,22 @@ from tests.test_serve_app import metric_series, png_bytes, val_png_files
 API_KEY = "test-key"
 
 
+def wait_ready(base: str, proc: subprocess.Popen, log, timeout_s: float = 90.0) -> None:
+    """Until the real server at ``base`` answers /readyz; its log in the error when it exits or never does."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"cskd serve exited: {log.read_text()}")
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"cskd serve did not become ready in {timeout_s:.0f} s: {log.read_text()}")
+
+
 @pytest.fixture(scope="module")
 def server(trained_run, tmp_path_factory):
     package = tmp_path_factory.mktemp("uvicorn") / "pkg"
@@ -38,19 +54,7 @@ def server(trained_run, tmp_path_factory):
                              "--max-wait-ms", "5", "--api-key", API_KEY, "--log-level", "warning"],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"cskd serve exited: {log.read_text()}")
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("cskd serve did not become ready in 90 s")
+    wait_ready(base, proc, log)
     yield base, package, f"127.0.0.1:{grpc_port}"
     proc.send_signal(signal.SIGINT)
     try:

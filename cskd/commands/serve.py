@@ -53,8 +53,11 @@ def add_parser(sub) -> None:
     p.add_argument("--access-log", action="store_true", default=None, help="log one line per request (off by default: "
                                                                              "it costs CPU on every request)")
     p.add_argument("--log-level", default="info")
-    shadow = p.add_argument_group("shadow teacher", "the first model watched by its teacher on live traffic (GET /v1/shadow)")
-    shadow.add_argument("--shadow", metavar="NAME_OR_PKG", help="the teacher: a served model's name or a package folder")
+    shadow = p.add_argument_group("shadow teacher", "a served model watched by its teacher on live traffic (GET /v1/shadow); "
+                                  "one shadow process for every worker, at the lowest CPU priority")
+    shadow.add_argument("--shadow", metavar="NAME_OR_PKG", help="the teacher: a served model's name, a package folder "
+                                                                "(not served to clients), or NAME=PACKAGE")
+    shadow.add_argument("--shadow-watch", metavar="NAME", help="the served model it watches (default: the first)")
     shadow.add_argument("--shadow-rate", type=float, metavar="R", help="share of the student's images the teacher also "
                                                                        "classifies (default 0.05)")
     shadow.add_argument("--shadow-alert", type=float, metavar="A", help="log a warning when the agreement over the window "
@@ -62,10 +65,16 @@ def add_parser(sub) -> None:
     shadow.add_argument("--shadow-window", type=int, metavar="N", help="samples the agreement is computed over (default 1000)")
     shadow.add_argument("--shadow-queue", type=int, metavar="N", help="sampled images waiting for the teacher at most; "
                                                                       "more are dropped and counted (default 64)")
+    shadow.add_argument("--shadow-queue-bytes", type=int, metavar="B", help="bytes of sampled images waiting at most "
+                                                                            "(default 32 MiB; as much again in flight)")
     shadow.add_argument("--shadow-threads", type=int, metavar="N", help="CPU threads of the teacher, at the lowest "
                                                                         "priority (default 1)")
     shadow.add_argument("--shadow-url", metavar="HOST:PORT", help="run the teacher on a remote KServe v2 gRPC endpoint "
-                                                                  "(another cskd serve, or Triton); --shadow names its package")
+                                                                  "(another cskd serve, or Triton); grpcs://HOST:PORT for TLS; "
+                                                                  "--shadow names its package")
+    shadow.add_argument("--shadow-api-key", metavar="KEY", help="the remote teacher's own key (prefer "
+                                                                "CSKD_SERVE_SHADOW_API_KEY; --api-key is never sent)")
+    shadow.add_argument("--shadow-ca", metavar="PEM", help="CA certificate of a grpcs:// remote (default: system roots)")
     shadow.add_argument("--shadow-capture", metavar="DIR", help="write every input the two disagree on as an image into "
                                                                 "DIR (with index.jsonl): user images, off by default")
     shadow.add_argument("--shadow-capture-max-images", type=int, metavar="N", help="at most N captured images (default 10000)")
@@ -94,9 +103,9 @@ def check_port_free(host: str, port: int, flag: str) -> None:
                             "or 0 for no gRPC") from None
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn  # the serving stack (the serve extra) loads only for this command
-
+def settings_from_args(args: argparse.Namespace):
+    """The server's settings: the command line over ``CSKD_SERVE_*`` variables, checked; and what was given.
+    Packages on the command line replace the environment's (the serving image's baked-in CSKD_SERVE_MODEL_DIR)."""
     from cskd.serve.settings import ServeSettings
 
     given = {k: v for k, v in {
@@ -104,10 +113,14 @@ def run(args: argparse.Namespace) -> int:
         "port": args.port, "grpc_port": args.grpc_port, "access_log": args.access_log, "workers": args.workers,
         "threads": args.threads, "providers": args.providers, "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue, "api_key": args.api_key,
-        "shadow": args.shadow, "shadow_rate": args.shadow_rate, "shadow_alert": args.shadow_alert,
-        "shadow_window": args.shadow_window, "shadow_queue": args.shadow_queue, "shadow_threads": args.shadow_threads,
-        "shadow_url": args.shadow_url, "shadow_capture": args.shadow_capture,
-        "shadow_capture_max_images": args.shadow_capture_max_images}.items() if v is not None}
+        "shadow": args.shadow, "shadow_watch": args.shadow_watch, "shadow_rate": args.shadow_rate,
+        "shadow_alert": args.shadow_alert, "shadow_window": args.shadow_window, "shadow_queue": args.shadow_queue,
+        "shadow_queue_bytes": args.shadow_queue_bytes, "shadow_threads": args.shadow_threads,
+        "shadow_url": args.shadow_url, "shadow_api_key": args.shadow_api_key, "shadow_ca": args.shadow_ca,
+        "shadow_capture": args.shadow_capture, "shadow_capture_max_images": args.shadow_capture_max_images}.items()
+        if v is not None}
+    if args.model_dirs:
+        given["model_dir"] = ""
     if args.grpc_port is None and "CSKD_SERVE_GRPC_PORT" not in os.environ:
         given["grpc_port"] = DEFAULT_GRPC_PORT  # the command serves gRPC beside HTTP, as Triton does
     try:
@@ -116,9 +129,18 @@ def run(args: argparse.Namespace) -> int:
         first = exc.errors()[0] if hasattr(exc, "errors") else {"msg": str(exc), "loc": ()}
         where = ".".join(map(str, first.get("loc", ()))) or "settings"
         raise CSKDError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+    return settings, given
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn  # the serving stack (the serve extra) loads only for this command
+
+    from cskd.serve.shadow.judge import resolve_shadow
+    from cskd.serve.shadow.process import ShadowProcess
+
+    settings, given = settings_from_args(args)
     entries = resolve_packages(settings.packages)  # fail in one line before uvicorn starts
-    if settings.shadow and settings.shadow not in {entry.name for entry in entries}:
-        resolve_packages([settings.shadow])
+    pair = resolve_shadow(settings, entries) if settings.shadow else None
     if settings.grpc_port:
         check_port_free(settings.host, settings.grpc_port, "--grpc-port")
     for key, value in given.items():  # worker processes read their settings from the environment
@@ -128,13 +150,20 @@ def run(args: argparse.Namespace) -> int:
     models = "; ".join(f"{e.name} ({e.package.engine_format}/{e.package.precision}, batches of up to "
                        f"{e.package.batch_limit(settings.max_batch)})" for e in entries)
     print(f"cskd serve: {models} on http://{settings.host}:{settings.port} (docs at /docs){grpc}; a batch runs{window}")
-    if settings.shadow:
+    shadow = None
+    if pair is not None:
         where = (f" at {settings.shadow_url}" if settings.shadow_url
-                 else f" here on {settings.shadow_threads} thread(s) at the lowest priority")
+                 else f" in its own process on {settings.shadow_threads} thread(s) at the lowest priority")
         capture = f", disagreements captured in {settings.shadow_capture}" if settings.shadow_capture else ""
-        print(f"  shadow teacher {settings.shadow}{where} watches {entries[0].name} on {settings.shadow_rate:.0%} of its images"
-              f"{capture}: GET /v1/shadow")
-    uvicorn.run("cskd.commands.serve:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=args.log_level, access_log=settings.access_log,
-                timeout_graceful_shutdown=30)
+        print(f"  shadow teacher {pair.teacher.name}{where} watches {pair.watched.name} on {settings.shadow_rate:.0%} of its "
+              f"images{capture}, for all {settings.workers} worker(s): GET /v1/shadow")
+        shadow = ShadowProcess.start(settings, entries)  # one for every worker
+        os.environ["CSKD_SERVE_SHADOW_SOCKET"] = shadow.socket
+    try:
+        uvicorn.run("cskd.commands.serve:create_app_from_env", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, log_level=args.log_level, access_log=settings.access_log,
+                    timeout_graceful_shutdown=30)
+    finally:
+        if shadow is not None:
+            shadow.stop()
     return 0

@@ -145,6 +145,13 @@ class NamedPackage:
     package: ModelPackage
 
 
+def check_model_name(name: str, folder: Path) -> None:
+    """A served name is one path segment of the URL (``/v2/models/NAME/infer``), as Triton requires."""
+    if not name or name in (".", "..") or any(c in "/\\?#%" or c.isspace() for c in name) or not name.isprintable():
+        raise CSKDError(f"the model name {name!r} ({folder}) is not one path segment: a client could not reach it at "
+                        "/v2/models/NAME; name it with letters, digits, '-', '_' or '.' (NAME=PATH)")
+
+
 def resolve_packages(references: List[str]) -> List[NamedPackage]:
     """The packages ``references`` name, in order: each a package folder, a folder of packages (a Triton
     model repository: every subfolder with a model.json, sorted), or ``NAME=PATH`` to serve one under
@@ -164,6 +171,7 @@ def resolve_packages(references: List[str]) -> List[NamedPackage]:
         found.append(NamedPackage(name or package.name, folder, package))
     seen: Dict[str, Path] = {}
     for entry in found:
+        check_model_name(entry.name, entry.folder)
         if entry.name in seen:
             raise CSKDError(f"two packages are named {entry.name!r} ({seen[entry.name]} and {entry.folder}); serve one "
                             f"under another name with NAME=PATH, e.g. {entry.name}-2={entry.folder}")
