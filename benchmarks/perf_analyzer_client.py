@@ -19,7 +19,7 @@ def install() -> Path:
 
 def measure(tools: Path, url: str, model: str, concurrency: int, window_ms: int, csv_path: Path,
             check: bool = True) -> Dict[str, float]:
-    """KServe v2 over HTTP, one zero image per request: p50 (ms) and throughput (infer/s); {} when not ``check``ed."""
+    """KServe v2 over HTTP, one zero image per request: p50 and p99 (ms) and throughput (infer/s); {} when not ``check``ed."""
     env = {**os.environ, "LD_LIBRARY_PATH": f"{tools / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
     command = [str(tools / "perf_analyzer"), "-m", model, "-u", url, "-i", "http", "-b", "1", "--input-data", "zero",
                "--concurrency-range", str(concurrency), "--measurement-interval", str(window_ms),
@@ -31,4 +31,5 @@ def measure(tools: Path, url: str, model: str, concurrency: int, window_ms: int,
         raise SystemExit(f"perf_analyzer failed on {url}: {done.stdout[-1500:]}{done.stderr[-500:]}")
     with csv_path.open() as f:
         row = next(csv.DictReader(f))
-    return {"throughput": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000}
+    return {"throughput": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
+            "p99_ms": float(row["p99 latency"]) / 1000}
