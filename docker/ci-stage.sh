@@ -54,6 +54,9 @@ stamp "serving image built ($(podman image inspect cskd-serve:ci --format '{{.Si
 
 # A real model package: the packaged demo teacher, exported on the host.
 cskd export cskd/assets/teacher_fashion_mnist_demo.safetensors --out "$work/model" --parity-images 200 > /dev/null
+# its shadow: the same network as another engine (raw pixels in, normalised in the graph): a model may not
+# watch itself (the server refuses the same engine), and these two answer alike
+cskd export cskd/assets/teacher_fashion_mnist_demo.safetensors --input uint8 --out "$work/shadow" --parity-images 200 > /dev/null
 python3 - "$work" <<'PY'
 import sys
 from cskd.data.datasets import demo_arrays
@@ -65,8 +68,8 @@ PY
 chmod -R a+rX "$work"
 free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 port=$(free_port); grpc_port=$(free_port)
-# The package watched by itself as its shadow teacher on every image: the two must agree on all of them.
-MODEL_DIR="$work/model" TEACHER_DIR="$work/model" SHADOW_RATE=1.0 CSKD_IMAGE=cskd-serve:ci API_PORT=$port GRPC_PORT=$grpc_port \
+# The package watched by its twin engine on every image: the two must agree on all of them.
+MODEL_DIR="$work/model" TEACHER_DIR="$work/shadow" SHADOW_RATE=1.0 CSKD_IMAGE=cskd-serve:ci API_PORT=$port GRPC_PORT=$grpc_port \
   podman-compose -p "$project" -f docker/compose.yaml up -d api > "$work/up.log" 2>&1 || { cat "$work/up.log"; exit 1; }
 stamp "stack up"
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/readyz" > /dev/null && break; sleep 0.5; done

@@ -81,7 +81,7 @@ def resolve_shadow(settings: ServeSettings, served: Sequence[NamedPackage]) -> S
             raise CSKDError(f"--shadow {reference} holds {len(found)} packages ({', '.join(e.name for e in found)}); "
                             "name the teacher's own package folder")
         teacher = found[0]
-    if teacher.name == watched.name or engine_digest(teacher) == engine_digest(watched):
+    if teacher is watched or engine_digest(teacher) == engine_digest(watched):  # by its name, or its engine elsewhere
         raise CSKDError(f"--shadow {reference} is {watched.name!r}, the model it would watch: it would agree with itself "
                         f"on every image and never alert; name the teacher's package, or watch another model with "
                         f"--shadow-watch NAME")

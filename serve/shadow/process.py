@@ -29,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Deque, List
+from typing import Deque, List, Optional
 
 import numpy as np
 
@@ -136,7 +136,7 @@ class ShadowServer:
         self._listener.bind(socket_path)
         os.chmod(socket_path, 0o600)
         self._listener.listen(64)
-        self._connections: List[socket.socket] = []
+        self._workers: List[_Worker] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -150,6 +150,7 @@ class ShadowServer:
             self.judge.judge(batch)
             self.queue.done()
         self._send_report()  # the last word: every sample's outcome
+        time.sleep(0.2)  # for the senders to deliver it before the process ends
 
     def stop(self) -> None:
         """Judge what is queued, then return from :meth:`serve`."""
@@ -162,16 +163,17 @@ class ShadowServer:
                 connection, _ = self._listener.accept()
             except OSError:
                 return
+            worker = _Worker(connection)
             with self._lock:
-                self._connections.append(connection)
-            self._send(connection, self._report_frame())
-            threading.Thread(target=self._read, args=(connection,), name="shadow-read", daemon=True).start()
+                self._workers.append(worker)
+            worker.post(self._report_frame())
+            threading.Thread(target=self._read, args=(worker,), name="shadow-read", daemon=True).start()
 
-    def _read(self, connection: socket.socket) -> None:
+    def _read(self, worker: "_Worker") -> None:
         reader = FrameReader()
         try:
             while True:
-                data = connection.recv(1 << 20)
+                data = worker.connection.recv(1 << 20)
                 if not data:
                     break
                 for header, payload in reader.feed(data):
@@ -180,9 +182,9 @@ class ShadowServer:
             logger.warning("shadow: a worker's connection failed (%s)", exc)
         finally:
             with self._lock:
-                if connection in self._connections:
-                    self._connections.remove(connection)
-            connection.close()
+                if worker in self._workers:
+                    self._workers.remove(worker)
+            worker.close()
 
     def _receive(self, header: dict, payload: bytes) -> None:
         if header.get("dropped"):
@@ -203,18 +205,12 @@ class ShadowServer:
         report["process"] = {"pid": os.getpid(), "priority": PRIORITY}
         return encode_frame({"t": "report", "report": report})
 
-    def _send(self, connection: socket.socket, frame: bytes) -> None:
-        try:
-            connection.sendall(frame)
-        except OSError:
-            pass  # the reader notices a closed connection
-
     def _send_report(self) -> None:
         frame = self._report_frame()
         with self._lock:
-            connections = list(self._connections)
-        for connection in connections:
-            self._send(connection, frame)
+            workers = list(self._workers)
+        for worker in workers:
+            worker.post(frame)
 
     def _push(self) -> None:
         parent, last, last_sent = os.getppid(), None, 0.0
@@ -232,6 +228,42 @@ class ShadowServer:
 
 
 PRIORITY = "unchanged"
+
+
+class _Worker:
+    """One worker's connection: its reports are sent by a thread of its own, the latest replacing an unsent one,
+    so a worker that does not read (its event loop busy) delays no other worker's report and queues nothing."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        self.connection = connection
+        self._latest: Optional[bytes] = None
+        self._ready = threading.Condition()
+        self._open = True
+        threading.Thread(target=self._send, name="shadow-send", daemon=True).start()
+
+    def post(self, frame: bytes) -> None:
+        with self._ready:
+            self._latest = frame
+            self._ready.notify()
+
+    def _send(self) -> None:
+        while True:
+            with self._ready:
+                while self._latest is None and self._open:
+                    self._ready.wait()
+                if not self._open:
+                    return
+                frame, self._latest = self._latest, None
+            try:
+                self.connection.sendall(frame)
+            except OSError:
+                return  # the reader notices the closed connection
+
+    def close(self) -> None:
+        with self._ready:
+            self._open = False
+            self._ready.notify()
+        self.connection.close()
 
 
 def _build(spec: dict) -> ShadowServer:
