@@ -80,11 +80,14 @@ class TeacherConfig:
 class TrainConfig:
     target: str = "student"  # student: distil the ViT; teacher: supervised training of the CNN
     epochs: int = 300
+    # Stop after this many optimiser steps if that comes first (null: every step of train.epochs); the LR
+    # schedule, its warm-up and CKF progress are laid out over them. `cskd plan` gives its proxies equal time so.
+    max_steps: Optional[int] = None
     batch_size: int = 128  # per process; the global batch is batch_size x world size
     lr: float = 5e-4  # for a global batch of 512, scaled linearly (DeiT)
     min_lr: float = 1e-5
     warmup_lr: float = 1e-6
-    warmup_epochs: float = 5
+    warmup_epochs: float = 5.0  # a float default: overrides may give a share of an epoch (cskd plan's proxies do)
     weight_decay: float = 0.05
     opt: str = "adamw"  # any timm optimizer name
     layer_decay: Optional[float] = None  # layer-wise LR decay (timm's): block i of n learns at rate x decay^(n-i); null off
@@ -146,6 +149,7 @@ _CHOICES = {
 # key: (low, high, low inclusive) -- ranges a run can sensibly take
 _RANGES = {
     "train.epochs": (1, 100000, True),
+    "train.max_steps": (1, 1 << 40, True),
     "train.batch_size": (1, 1 << 16, True),
     "train.lr": (0, 1, False),
     "train.min_lr": (0, 1, True),
@@ -310,6 +314,8 @@ def validate(cfg: Config) -> None:
         value = values[key]
         if value is None:
             continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):  # an optional key's value is not typed by _set
+            raise CSKDError(f"{key} takes a number, got {value!r}")
         ok = (low <= value if inclusive else low < value) and value <= high
         if not ok:
             bracket = "[" if inclusive else "("
@@ -321,6 +327,8 @@ def validate(cfg: Config) -> None:
                     f"{section}.kwargs has a key {key!r} that is not an argument name; write YAML mappings with a "
                     "space after each colon, e.g. {depth: 4, embed_dim: 96}"
                 )
+    if cfg.train.max_steps is not None and not float(cfg.train.max_steps).is_integer():
+        raise CSKDError(f"train.max_steps={cfg.train.max_steps} is not a whole number of optimiser steps; write e.g. train.max_steps=500")
     if len(cfg.data.scale) != 2 or not 0 < cfg.data.scale[0] <= cfg.data.scale[1] <= 1:
         raise CSKDError(f"data.scale={cfg.data.scale} must be [low, high] with 0 < low <= high <= 1")
     if cfg.data.name == "imagefolder" and not cfg.data.path:

@@ -8,6 +8,8 @@ Everything only the main process does (printing, writing the run directory) live
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -155,6 +157,16 @@ class Session:
         return len(self.loaders.train)
 
     @property
+    def total_steps(self) -> int:
+        """The optimiser steps the run takes: every step of ``train.epochs``, or ``train.max_steps`` if fewer."""
+        return budget_steps(self.cfg, self.steps_per_epoch)
+
+    @property
+    def epochs(self) -> int:
+        """The epochs that run: ``train.epochs``, fewer under ``train.max_steps`` (the last one maybe cut short)."""
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    @property
     def schedule(self) -> Dict[str, int]:
         """What the LR schedule and CKF progress are laid out by (saved with the state, compared on resume)."""
         cfg = self.cfg.train
@@ -162,6 +174,8 @@ class Session:
                     "world_size": self.env.world_size, "train_images": self.loaders.labelled_images}
         if self.loaders.transfer_images:
             schedule.update(transfer_images=self.loaders.transfer_images, transfer_batch=self.loaders.transfer_batch)
+        if cfg.max_steps is not None:
+            schedule["max_steps"] = int(cfg.max_steps)
         return schedule
 
     @property
@@ -221,10 +235,12 @@ def build_session(cfg: Config, env: DistEnv, resume: bool) -> Session:
     mixup = build_mixup(cfg.data, cfg.train.batch_size, loaders.info.num_classes)
     optimizer = create_optimizer_v2(model, opt=cfg.train.opt, lr=scaled_lr(cfg, env.world_size), weight_decay=cfg.train.weight_decay,
                                     layer_decay=cfg.train.layer_decay)
+    # Laid out in optimiser steps (timm's t_initial and warmup_t are epochs x updates per epoch): over
+    # train.max_steps when it ends the run first.
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched="cosine", num_epochs=cfg.train.epochs, warmup_epochs=cfg.train.warmup_epochs,
-        min_lr=cfg.train.min_lr, warmup_lr=cfg.train.warmup_lr, step_on_epochs=False,
-        updates_per_epoch=len(loaders.train),
+        optimizer, sched="cosine", num_epochs=budget_steps(cfg, len(loaders.train)),
+        warmup_epochs=cfg.train.warmup_epochs * len(loaders.train), min_lr=cfg.train.min_lr, warmup_lr=cfg.train.warmup_lr,
+        step_on_epochs=False, updates_per_epoch=1,
     )
     dtype = amp_dtype(cfg.train.amp, env.device)
     ctx = StepContext(
@@ -239,6 +255,12 @@ def build_session(cfg: Config, env: DistEnv, resume: bool) -> Session:
     if resume:
         session.load_state_dict(load_state(run.state))
     return session
+
+
+def budget_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """The optimiser steps a run of ``cfg`` takes at ``steps_per_epoch``."""
+    steps = cfg.train.epochs * steps_per_epoch
+    return steps if cfg.train.max_steps is None else min(steps, int(cfg.train.max_steps))
 
 
 def _wrap_for_training(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
@@ -303,7 +325,8 @@ class MainProcess(Quiet):
         for line in (*self.notes, loaders.left_out):
             if line:
                 print(f"  {line}")
-        print(f"  device {session.env.device} x{session.env.world_size}, {session.steps_per_epoch} steps/epoch, "
+        budget = f" (train.max_steps: {session.total_steps} in {session.epochs} epochs)" if cfg.train.max_steps else ""
+        print(f"  device {session.env.device} x{session.env.world_size}, {session.steps_per_epoch} steps/epoch{budget}, "
               f"lr {scaled_lr(cfg, session.env.world_size):.2e}, run dir {run.path}"
               + (f", resuming at epoch {session.start_epoch + 1}" if resume else ""))
         if session.init_report is not None:
@@ -361,8 +384,8 @@ def schedule_changes(old: Dict[str, int], new: Dict[str, int]) -> List[str]:
     """``"name old -> new"`` for each value of the schedule that differs on resume."""
     names = {"epochs": "train.epochs", "batch_size": "train.batch_size", "world_size": "world size",
              "train_images": "training images", "steps_per_epoch": "steps/epoch", "transfer_images": "transfer images",
-             "transfer_batch": "transfer images per step"}
-    transfer = ("transfer_images", "transfer_batch")  # absent without a transfer set: none
+             "transfer_batch": "transfer images per step", "max_steps": "train.max_steps"}
+    transfer = ("transfer_images", "transfer_batch", "max_steps")  # absent without a transfer set (a step budget): none
     return [f"{names[k]} {old.get(k, 'none')} -> {new.get(k, 'none')}" for k in names
             if (k in old or k in transfer) and old.get(k) != new.get(k)]
 
@@ -380,15 +403,19 @@ def print_epoch(metrics: Dict[str, Any], head: str, is_best: bool) -> None:
 
 
 def run_epoch(session: Session, epoch: int, show_progress: bool) -> Dict[str, Any]:
-    """Train one epoch and validate; returns the epoch's metrics row."""
-    ctx, total_steps = session.ctx, session.cfg.train.epochs * session.steps_per_epoch
+    """Train one epoch (the last one cut short at ``train.max_steps``) and validate; returns the epoch's
+    metrics row, with its optimiser steps and the seconds its validation took (``cskd plan`` times epochs from them)."""
+    ctx, total_steps, per_epoch = session.ctx, session.total_steps, session.steps_per_epoch
+    steps = min(per_epoch, total_steps - epoch * per_epoch)
     seed_everything(epoch_seed(session.cfg.train.seed, epoch) + session.env.rank)
     session.loaders.epochs.set_epoch(epoch)
-    with progress(session.steps_per_epoch, f"epoch {epoch + 1}/{session.cfg.train.epochs}", "step", show_progress) as bar:
-        train_metrics = train_one_epoch(ctx, session.loaders.train, epoch, session.steps_per_epoch, total_steps, bar)
+    batches = session.loaders.train if steps == per_epoch else itertools.islice(session.loaders.train, steps)
+    with progress(steps, f"epoch {epoch + 1}/{session.epochs}", "step", show_progress) as bar:
+        train_metrics = train_one_epoch(ctx, batches, epoch, per_epoch, total_steps, bar)
     evaluated = ctx.ema.module if ctx.ema is not None else session.model
+    started = time.perf_counter()
     val = evaluate(evaluated, session.task.head_logits, session.loaders.val, ctx.model_norm, session.env, ctx.amp_dtype)
-    return {"epoch": epoch + 1, **train_metrics,
+    return {"epoch": epoch + 1, **train_metrics, "steps": steps, "val_s": round(time.perf_counter() - started, 3),
             **{f"val_top1_{h}": v for h, v in val["top1"].items()},
             **{f"val_top5_{h}": v for h, v in val["top5"].items()}}
 
@@ -410,8 +437,11 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, notes: 
                                                             session.run.teacher_accuracy if resume else None, out.show_progress)
         out.start(session, resume)
         metrics: Dict[str, Any] = {}
-        for epoch in range(session.start_epoch, cfg.train.epochs):
+        for epoch in range(session.start_epoch, session.epochs):
+            epoch_started = time.perf_counter()
             metrics = run_epoch(session, epoch, out.show_progress)
+            # both since the run started: an epoch's own time is time_s - epoch_start_s (the run's start left out)
+            metrics["epoch_start_s"] = round(epoch_started - started, 2)
             metrics["time_s"] = round(time.perf_counter() - started, 2)
             top1 = metrics[f"val_top1_{session.task.primary_head}"]
             is_best = top1 > session.best_top1

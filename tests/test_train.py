@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -14,6 +16,7 @@ from timm.scheduler import create_scheduler_v2
 
 import cskd.engine
 import cskd.teachers
+import cskd.train
 from cskd.checkpoint import load_state, load_weights, save_weights
 from cskd.config import load_config
 from cskd.distributed import DistEnv
@@ -79,7 +82,7 @@ def test_resume_after_a_mid_epoch_crash_equals_an_uninterrupted_run(tmp_path, mo
     resumed = train(cfg, resume=True, show_progress=False)
     a, b = load_file(reference.run_dir / "last.safetensors"), load_file(resumed.run_dir / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # noqa: E731  clocks: *_s
     assert strip(RunDir(resumed.run_dir).metrics()) == strip(RunDir(reference.run_dir).metrics())
 
 
@@ -388,7 +391,7 @@ def test_a_kill_between_the_epochs_writes_resumes_to_the_uninterrupted_run(tmp_p
     monkeypatch.undo()
     resumed = train(load_config(tmp_path / "killed" / "config.yaml"), resume=True, show_progress=False)
     assert resumed.best_epoch == reference.best_epoch == 2
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # noqa: E731  clocks: *_s
     assert strip(RunDir(resumed.run_dir).metrics()) == strip(RunDir(reference.run_dir).metrics())  # each epoch once
     for name in ("best.safetensors", "last.safetensors"):
         (a, a_epoch), (b, b_epoch) = _weights_and_epoch(reference.run_dir / name), _weights_and_epoch(resumed.run_dir / name)
@@ -446,3 +449,37 @@ def test_training_off_a_terminal_logs_a_line_per_epoch_not_bar_frames(tmp_path, 
     assert "\r" not in err  # no bar frame anywhere, whatever else (warnings...) stderr holds
     summaries = [line.split(":")[0] for line in err.splitlines() if line.startswith("epoch ")]
     assert summaries == ["epoch 1/2", "epoch 2/2"]  # one summary line per epoch
+
+
+def cosine_lr(step: int, total: int, batch_size: int, cfg) -> float:
+    """The cosine's LR after ``step`` of ``total`` updates, no warm-up, by its formula (min_lr once it ends)."""
+    lr, low = cfg.train.lr * batch_size / 512, cfg.train.min_lr
+    return low if step >= total else low + 0.5 * (lr - low) * (1 + math.cos(math.pi * step / total))
+
+
+@pytest.mark.slow
+def test_a_step_budget_ends_the_run_there_with_the_schedule_laid_out_over_it(tmp_path):
+    # 256 images at batch 32: 8 steps an epoch; 12 steps cut the second epoch at 4, and the third never runs
+    result = run(tmp_path, **SUPERVISED, **{"train.epochs": 3, "train.max_steps": 12})
+    rows = RunDir(result.run_dir).metrics()
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["steps"] for r in rows] == [8, 4]
+    cfg = load_config(result.run_dir / "config.yaml")
+    # the cosine over 12 steps (at its floor when the budget ends), not over the 24 of three epochs
+    assert [r["lr"] for r in rows] == pytest.approx([cosine_lr(8, 12, 32, cfg), cfg.train.min_lr], rel=1e-9)
+    assert [r["ckf_ratio"] for r in rows] == pytest.approx([1 - 8 / 12, 0.0])  # linear CKF over the budget too
+    assert load_state(result.run_dir / "last.state.pt")["schedule"]["max_steps"] == 12
+    with pytest.raises(CSKDError, match="train.max_steps=2.5 is not a whole number"):
+        load_config(None, ["train.max_steps=2.5"])
+    assert load_config(None, ["train.warmup_epochs=0.25"]).train.warmup_epochs == 0.25  # a budget's share of an epoch
+
+
+@pytest.mark.slow
+def test_each_epoch_row_says_when_the_epoch_started_so_its_own_time_leaves_the_runs_start_out(tmp_path, monkeypatch):
+    real = cskd.train.build_session
+    monkeypatch.setattr(cskd.train, "build_session", lambda *args, **kwargs: (time.sleep(1.0), real(*args, **kwargs))[1])
+    first, second = RunDir(run(tmp_path, **SUPERVISED).run_dir).metrics()  # a start of over a second
+    assert first["epoch_start_s"] >= 1.0 and second["epoch_start_s"] >= first["time_s"]
+    for row in (first, second):
+        own = row["time_s"] - row["epoch_start_s"]
+        assert 0 < own < first["time_s"] - 1.0  # the epoch alone, the run's start left out
+        assert 0 < row["val_s"] < own and row["steps"] == 8  # its validation pass is part of it
