@@ -3,14 +3,25 @@ real run serves every package, loads it and reports served against engine speedu
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 
+import cskd.measure.bench
+from cskd.checkpoint import save_weights
+from cskd.cli import main
+from cskd.config import load_config
+from cskd.data.datasets import build_dataset
+from cskd.errors import CSKDError
+from cskd.export.exporter import ExportOptions, export_model
 from cskd.measure.bench import run_bench
 from cskd.measure.served import ServedOptions, parse_hey, v2_binary_request
+from cskd.run import RunDir
 from cskd.serve.v2_protocol import parse_request
+from cskd.tasks import get_task
 from tests.test_measure_bench import packages, quick  # noqa: F401  (the module's exported teacher and student)
 
 # hey 0.1.4's output (Debian's hey), trimmed of its histogram: 30 answers, 2 refused, 3 never answered
@@ -82,3 +93,52 @@ def test_failed_served_requests_fail_the_bench_whatever_the_speedup():
               {"model": "S", "role": "student", "concurrency": 1, "served_speedup": 50.0, "non_2xx": 7}]  # fast because failing
     failures = check_gates({"rows": engine, "served": served}, BenchOptions(expect_speedup=2.0))
     assert failures == ["S served at concurrency 1 gave 7 non-2xx answers or failed requests; see its server log"]
+
+
+def fake_hey(tmp_path, monkeypatch) -> None:
+    """A hey on PATH that the served stage finds (and never gets to run)."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "hey").write_text("#!/bin/sh\nexit 1\n")
+    (tools / "hey").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+
+
+def untrained_run(path) -> None:
+    """A tiny student's run directory (config and initial weights): what cskd bench exports before timing."""
+    cfg = load_config(None, ["student.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", f"output={path}"])
+    task = get_task("student")
+    _, info = build_dataset(cfg.data.name, "val")
+    spec = task.spec(cfg, info)
+    run = RunDir(path)
+    run.path.mkdir(parents=True)
+    run.save_config(cfg)
+    save_weights(run.best, task.weights(task.build(spec)), spec, {"epoch": 0})
+
+
+def test_cskd_bench_served_without_hey_is_refused_before_exporting_or_timing(tmp_path, monkeypatch, capsys):
+    untrained_run(tmp_path / "run")
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
+    code = main(["bench", str(tmp_path / "run"), "--teacher", str(tmp_path / "run"), "--served", "--out", str(tmp_path / "bench")])
+    assert code != 0 and "hey is not on PATH: install it (apt-get install hey" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before and not (tmp_path / "bench").exists()  # no export
+
+
+def test_a_served_stage_that_fails_keeps_the_engine_figures_in_bench_json(tmp_path, monkeypatch):
+    untrained_run(tmp_path / "run")  # two packages of one tiny network: what is timed does not matter here
+    student, teacher = (export_model(tmp_path / "run", ExportOptions(out=tmp_path / name, gate=False, parity_images=16),
+                                     log=lambda _: None)[0] for name in ("student", "teacher"))
+    fake_hey(tmp_path, monkeypatch)
+
+    def server_dies(*args, **kwargs):
+        raise CSKDError("cskd serve exited with code 1")
+
+    monkeypatch.setattr(cskd.measure.bench, "measure_served", server_dies)
+    seen = []
+    with pytest.raises(CSKDError, match="cskd serve exited"):
+        run_bench([student], teacher, quick(tmp_path / "out", served=ServedOptions(concurrency=(1,), seconds=1.0)),
+                  on_engine=lambda result: seen.append(len(result["rows"])))
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert seen == [4] and len(saved["rows"]) == 4 and "served" not in saved  # teacher and student at batch 1 and 4
+    assert all(r["p50_ms"] > 0 for r in saved["rows"])

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.students[0] == "http":
         return run_http(args)
     from cskd.measure.bench import BenchOptions, format_table, run_bench  # the training stack: only for this command
-    from cskd.measure.served import ServedOptions, format_served
+    from cskd.measure.served import ServedOptions, check_served_tools, format_served
 
     if args.teacher is None:
         raise CSKDError("cskd bench needs --teacher TEACHER_PACKAGE (or use `cskd bench http URL`)")
@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             raise CSKDError(f"--served-concurrency takes positive numbers, got {args.served_concurrency}")
         options.served = ServedOptions(concurrency=args.served_concurrency, seconds=args.served_seconds,
                                        rounds=args.served_rounds, threads=args.threads, serve_args=shlex.split(args.serve_args))
+        check_served_tools()  # before the run directories are exported and anything is timed
     if args.quick:
         options.rounds, options.iters, options.warmup, options.eval_images = 2, 5, 2, 500
     students = [as_package(Path(s), print) for s in args.students]

@@ -20,7 +20,7 @@ from cskd.errors import CSKDError
 from cskd.evaluate import ModelInput, real_images
 from cskd.files import atomic_write_json
 from cskd.measure.plots import plot_bench, plot_served
-from cskd.measure.served import ServedModel, ServedOptions, measure_served, served_rows
+from cskd.measure.served import ServedModel, ServedOptions, check_served_tools, measure_served, served_rows
 from cskd.progress import progress
 from cskd.runtime.backends import Backend, BackendOptions, create_backend, run_batched
 from cskd.runtime.package import ModelPackage
@@ -141,13 +141,18 @@ def format_table(result: Dict) -> str:
     return "\n".join(lines)
 
 
-def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, log: Callable[[str], None] = print) -> Dict:
+def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, log: Callable[[str], None] = print,
+              on_engine: Optional[Callable[[Dict], None]] = None) -> Dict:
     """Benchmark model package folders ``students`` against ``teacher`` (run directories are
-    exported to packages by the ``cskd bench`` command before they get here)."""
+    exported to packages by the ``cskd bench`` command before they get here). ``bench.json`` is written
+    once the engines are timed and again after ``--served``, so a served stage that fails keeps the
+    engine figures; ``on_engine`` (when given) gets the result at that point too."""
     if not students:
         raise CSKDError("give at least one student model package (or run directory) to benchmark")
     if any(b < 1 for b in options.batch_sizes):
         raise CSKDError(f"batch sizes must be positive, got {list(options.batch_sizes)}")
+    if options.served is not None:
+        check_served_tools()
     entries = []
     for role, folder in [("teacher", Path(teacher))] + [("student", Path(s)) for s in students]:
         backend_options = BackendOptions(threads=options.threads, spin=False, providers=options.providers)
@@ -184,21 +189,29 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
     with progress(total, "bench", "run") as bar:
         measure(entries, feeds, options, bar)
     result = summarize(entries, options)
-    if options.served is not None:
-        served = [ServedModel(e.label, e.role, e.folder, e.package, feeds[e.label][options.batch_sizes[0]][:1]) for e in entries]
-        runs = options.served.rounds * len(options.served.concurrency) * len(served)
-        with progress(runs, "served", "run") as bar:
-            measure_served(served, options.served, bar)
-        result["served"] = served_rows(served, result["rows"])
     result.update({
         "machine": {"processor": platform.processor() or platform.machine(), "system": platform.platform(),
                     "python": platform.python_version()},
         "options": {k: (str(v) if isinstance(v, Path) else asdict(v) if is_dataclass(v) else v) for k, v in options.__dict__.items()},
         "eval_images": int(len(labels)) if labels is not None else 0,
     })
-    result["failures"] = check_gates(result, options)
-    atomic_write_json(options.out / "bench.json", result)
+    _save(result, options)
+    if on_engine is not None:
+        on_engine(result)
+    if options.served is not None:
+        served = [ServedModel(e.label, e.role, e.folder, e.package, feeds[e.label][options.batch_sizes[0]][:1]) for e in entries]
+        runs = options.served.rounds * len(options.served.concurrency) * len(served)
+        with progress(runs, "served", "run") as bar:
+            measure_served(served, options.served, bar)
+        result["served"] = served_rows(served, result["rows"])
+        _save(result, options)
     result["plots"] = [str(p) for p in plot_bench(result, options.out)]
     if "served" in result:
         result["plots"].append(str(plot_served(result["served"], options.out / "served.png")))
     return result
+
+
+def _save(result: Dict, options: BenchOptions) -> None:
+    """``bench.json`` with the gates judged on what it holds so far."""
+    result["failures"] = check_gates(result, options)
+    atomic_write_json(options.out / "bench.json", result)

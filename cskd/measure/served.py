@@ -12,6 +12,7 @@ ratio (against the engine's at the largest benchmarked batch not above the concu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -52,6 +53,18 @@ class ServedModel:
     package: ModelPackage
     row: np.ndarray  # one engine-ready image [1, C, H, W]
     runs: Dict[int, List[Dict]] = field(default_factory=dict)  # concurrency -> parsed hey runs
+
+
+def check_served_tools() -> None:
+    """What ``--served`` needs, checked before any work (a plan or bench builds and times everything else
+    first): hey on PATH, and the HTTP stack ``cskd serve`` runs on."""
+    if shutil.which("hey") is None:
+        raise CSKDError("--served loads each package behind cskd serve with hey, a compiled load generator, and hey is not on "
+                        "PATH: install it (apt-get install hey on Debian/Ubuntu, or see https://github.com/rakyll/hey), or drop --served")
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CSKDError(f"--served runs each package in cskd serve, which needs {' and '.join(missing)} (not installed): "
+                        "pip install 'cskd[http]', or drop --served")
 
 
 def v2_binary_request(name: str, row: np.ndarray, dtype: str) -> tuple[bytes, int]:
@@ -148,9 +161,7 @@ def run_hey(url: str, body: Path, header_length: int, concurrency: int, seconds:
 
 def measure_served(models: List[ServedModel], options: ServedOptions, progress=None) -> None:
     """Serve every model at once, then drive each with hey at every concurrency, interleaved per round."""
-    if shutil.which("hey") is None:
-        raise CSKDError("cskd bench --served drives the servers with hey, a compiled load generator: apt-get install hey "
-                        "(Debian/Ubuntu), or see https://github.com/rakyll/hey")
+    check_served_tools()
     with tempfile.TemporaryDirectory(prefix="cskd-served-") as scratch:
         folder = Path(scratch)
         servers: List[Server] = []
