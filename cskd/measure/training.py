@@ -6,11 +6,18 @@ cache of random maps of the teacher's grid (:func:`random_cache`, laid out as ``
 writes it), read through :class:`~cskd.teachers.CachedTeacher`, so the crop, flip and mix of the
 maps cost what they cost in training. Data loading is not timed: the figure is the step alone.
 ``cskd plan`` and ``benchmarks/train_throughput.py`` measure with these pieces.
+
+What a run's time is made of is another figure (:func:`epoch_cost`): real steps from the run's own
+data loader (loading, augmentation and the cached teacher's maps included) and a validation pass, the
+two parts of every epoch; ``cskd plan`` gives its proxies equal time from it (:class:`EpochCost`).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -22,11 +29,11 @@ from cskd.checkpoint import ModelSpec
 from cskd.config import Config
 from cskd.data.mixing import build_mixup
 from cskd.distributed import DistEnv
-from cskd.engine import Normalization, StepContext, amp_dtype, train_one_epoch
+from cskd.engine import Normalization, StepContext, amp_dtype, evaluate, train_one_epoch
 from cskd.tasks import get_task
 from cskd.teacher_cache import CacheManifest, TeacherCache, shard_paths
 from cskd.teachers import CachedTeacher
-from cskd.train import build_base_criterion, scaled_lr
+from cskd.train import Loaders, build_base_criterion, scaled_lr
 
 Batch = Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]
 
@@ -109,3 +116,50 @@ def training_rates(contexts: Sequence[StepContext], batches: List[Batch], rounds
         for ctx, own in zip(contexts, rates):
             own.append(images_per_second(ctx, batches))
     return rates
+
+
+@dataclass(frozen=True)
+class EpochCost:
+    """What a run of one network costs here, in its two parts: optimiser steps and the validation pass
+    that ends every epoch (a last epoch cut short by ``train.max_steps`` too)."""
+
+    step_s: float  # one optimiser step on the real data, its loading included (steady state)
+    val_s: float  # one validation pass
+    steps_per_epoch: int
+
+    @property
+    def epoch_s(self) -> float:
+        return self.steps_per_epoch * self.step_s + self.val_s
+
+    def seconds(self, steps: int) -> float:
+        """The wall time of a run of ``steps`` optimiser steps (its start left out)."""
+        return steps * self.step_s + math.ceil(steps / self.steps_per_epoch) * self.val_s
+
+    def steps_in(self, seconds: float) -> int:
+        """The optimiser steps a run takes in ``seconds`` (at least one): whole epochs, then the steps of a
+        cut-short last one once its validation pass is paid for (none when less than that is left)."""
+        full = int(seconds // self.epoch_s)
+        rest = seconds - full * self.epoch_s - self.val_s
+        return max(1, full * self.steps_per_epoch + (max(0, round(rest / self.step_s)) if rest > 0 else 0))
+
+
+def epoch_cost(ctx: StepContext, loaders: Loaders, steps: int, warmup: int = 3) -> EpochCost:
+    """Seconds per optimiser step of ``ctx`` on the run's own training batches (``steps`` of them after
+    ``warmup``, from one pass of the loader, so its workers are running: loading, augmentation and the
+    teacher's maps included), and of one validation pass over the run's validation loader."""
+    per_epoch = len(loaders.train)
+    warmup = min(warmup, per_epoch - 1)
+    steps = min(steps, per_epoch - warmup)
+    batches = iter(loaders.train)
+    if warmup:
+        train_one_epoch(ctx, itertools.islice(batches, warmup), 0, per_epoch, per_epoch)
+    synchronize(ctx.env.device)
+    start = time.perf_counter()
+    train_one_epoch(ctx, itertools.islice(batches, steps), 0, per_epoch, per_epoch)
+    synchronize(ctx.env.device)
+    step_s = (time.perf_counter() - start) / steps
+    del batches  # its workers stop
+    start = time.perf_counter()
+    evaluate(ctx.model, ctx.task.head_logits, loaders.val, ctx.model_norm, ctx.env, ctx.amp_dtype)
+    synchronize(ctx.env.device)
+    return EpochCost(step_s, time.perf_counter() - start, per_epoch)
