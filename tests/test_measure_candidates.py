@@ -61,14 +61,34 @@ def test_the_default_family_spans_smaller_to_larger_than_the_demo_student_with_t
     assert 8 <= len(family) <= 10
     assert family[0] == Candidate(DEMO_STUDENT, {}, 4)  # the config's own student, first
     assert {DEIT_TINY, DEIT_SMALL} <= {c.model for c in family}
-    assert len({c.key(4) for c in family}) == len(family)  # each network once
+    built = [architecture(c, 32, 4) for c in family]
+    assert len(set(built)) == len(family)  # each network once, told apart by what timm builds
     params = [student_params(c, 32, 4) for c in family]
     assert min(params) < params[0] < max(params)
+
+
+def test_a_config_student_that_spells_out_a_default_is_not_planned_twice():
+    spelled = default_family(DEMO_STUDENT, {"embed_dim": 96, "depth": 4}, 32, 4)  # the demo student's own defaults
+    assert len(spelled) == len(default_family(DEMO_STUDENT, {}, 32, 4))
+    assert spelled[0] == Candidate(DEMO_STUDENT, {"embed_dim": 96, "depth": 4}, 4)  # the config's spelling, first
+    assert Candidate(DEMO_STUDENT, {}, 4) not in spelled  # the family's own spelling of that network: left out
 
 
 def test_a_patch_size_that_does_not_divide_the_image_is_left_out_of_the_family():
     family = default_family(DEMO_STUDENT, {}, 36, 4)  # 8 px patches do not tile 36 px
     assert family and all(c.patch_size == 4 for c in family)
+
+
+def architecture(candidate: Candidate, img_size: int, patch_size: int) -> tuple:
+    """Model, width, depth, heads, MLP width and patch of the network ``candidate`` builds, read off the network."""
+    import torch
+
+    from cskd.models import create_student
+
+    with torch.device("meta"):  # shapes only: the real initialisation of the family takes seconds
+        vit = create_student(candidate.model, 10, img_size, candidate.patch_size or patch_size, 1, **candidate.kwargs).vit
+    return (candidate.model, vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads, vit.blocks[0].mlp.fc1.out_features,
+            vit.patch_embed.patch_size)
 
 
 def student_params(candidate: Candidate, img_size: int, patch_size: int) -> int:
@@ -101,5 +121,17 @@ def test_the_train_command_quotes_what_the_shell_would_split():
 def test_the_same_network_twice_is_planned_once():
     config_patch = parse_candidate(f"{DEMO_STUDENT}:depth=2")
     explicit = parse_candidate(f"{DEMO_STUDENT}:depth=2,patch_size=4")
-    assert unique([config_patch, explicit], 4) == [config_patch]  # the config's patch size is 4: one network
-    assert unique([config_patch, explicit], 8) == [config_patch, explicit]
+    assert unique([config_patch, explicit], 32, 4) == [config_patch]  # the config's patch size is 4: one network
+    assert unique([config_patch, explicit], 32, 8) == [config_patch, explicit]
+
+
+def test_spellings_of_one_network_collapse_into_the_first_and_different_networks_stay_apart():
+    plain = parse_candidate(DEMO_STUDENT)  # 96 wide, 4 deep, 3 heads, MLP ratio 4.0, 4 px patches at 32 px
+    spellings = [f"{DEMO_STUDENT}:embed_dim=96", f"{DEMO_STUDENT}:depth=4,num_heads=3,mlp_ratio=4",
+                 f"{DEMO_STUDENT}:mlp_ratio=4.0,qkv_bias=true", f"{DEMO_STUDENT}:patch_size=4"]
+    assert unique([plain, *[parse_candidate(t) for t in spellings]], 32, 4) == [plain]
+    # one setting off the default each: same parameter count for the heads, other networks all the same
+    others = [parse_candidate(f"{DEMO_STUDENT}:{option}") for option in
+              ("num_heads=4", "mlp_ratio=2.0", "qkv_bias=false", "drop_rate=0.1", "patch_size=8", "embed_dim=120")]
+    assert unique([plain, *others], 32, 4) == [plain, *others]
+    assert student_params(plain, 32, 4) == student_params(others[0], 32, 4)  # told apart by what the parameters do not show

@@ -212,6 +212,20 @@ def test_proxy_epochs_need_a_cached_teacher(micro_teacher, tmp_path):
     assert not (tmp_path / "plan").exists()  # refused before any work
 
 
+# ---------------------------------------------------------------------------------------------
+# Candidates, before any work
+
+
+def test_candidates_that_build_the_same_network_are_planned_once(micro_teacher, tmp_path, capsys):
+    # the case: the demo student, and the same with its default width written out (one label, one folder)
+    code = main(["plan", *micro_teacher, "--candidates", DEMO_STUDENT, f"{DEMO_STUDENT}:embed_dim=96", "--rounds", "1",
+                 "--iters", "2", "--train-steps", "1", "--train-rounds", "1", "--no-progress", "--out", str(tmp_path / "plan")])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert [(c["label"], c["kwargs"]) for c in result["candidates"]] == [("nano-w96-d4-h3-p4", {})]  # the first spelling
+    assert result["config_student"] == "nano-w96-d4-h3-p4"  # the demo config's own student, found by its network
+
+
 @pytest.mark.parametrize("options, fragment", [
     (dict(backend="onnx"), "--backend onnx is not one of onnxruntime, openvino, tensorrt"),
     (dict(precision="int4"), "--precision int4 is not one of fp32, fp16, int8"),

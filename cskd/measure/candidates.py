@@ -9,6 +9,7 @@ becomes ``student.patch_size``, every other option ``student.kwargs``; the image
 
 from __future__ import annotations
 
+import enum
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -36,10 +37,6 @@ class Candidate:
     model: str
     kwargs: Dict[str, Any] = field(default_factory=dict)  # timm options (embed_dim, depth, num_heads, mlp_ratio...)
     patch_size: Optional[int] = None
-
-    def key(self, patch_size: int) -> Tuple[str, str, int]:
-        """What makes two candidates the same network (at the config's patch size ``patch_size``)."""
-        return self.model, repr(sorted(self.kwargs.items())), self.patch_size or patch_size
 
     def overrides(self, img_size: int, patch_size: int) -> List[str]:
         """The ``cskd train`` overrides that train this network at ``img_size`` (``patch_size``: the
@@ -134,15 +131,55 @@ def default_family(model: str, kwargs: Dict[str, Any], img_size: int, patch_size
         Candidate(DEIT_TINY, {}, patch_size),
         Candidate(DEIT_SMALL, {}, coarse),
     ]
-    return unique([c for c in family if img_size % c.patch_size == 0], patch_size)
+    return unique([c for c in family if img_size % c.patch_size == 0], img_size, patch_size)
 
 
-def unique(candidates: Sequence[Candidate], patch_size: int) -> List[Candidate]:
-    """``candidates`` in order, each network once."""
+Network = Tuple[Any, ...]  # what network_key returns: equal for two candidates exactly when they build the same network
+
+
+def network_key(candidate: Candidate, img_size: int, patch_size: int) -> Network:
+    """The network ``candidate`` builds at ``img_size`` (``patch_size``: the config's, when it has none), as
+    built: the architecture timm resolves its name to, then every module's type, plain settings (widths,
+    heads, norms' eps, dropout rates...) and tensor shapes, defaults applied. Two spellings of one network
+    (``embed_dim=96`` where 96 is the default, ``mlp_ratio=4`` against ``4.0``, the config's patch size
+    written out) give one key; networks that differ in any setting give two. Built on the meta device:
+    shapes without weights, milliseconds instead of the seconds a real initialisation takes."""
+    import torch
+
+    from cskd.models import create_student
+
+    with torch.device("meta"):  # the classes and shapes are what is compared; no values are made
+        vit = create_student(candidate.model, 10, img_size, candidate.patch_size or patch_size, 1, **candidate.kwargs).vit
+    parts: List[Any] = [vit.pretrained_cfg.get("architecture", candidate.model)]
+    for name, module in vit.named_modules():
+        settings = tuple(sorted((k, _plain(v)) for k, v in vars(module).items() if not k.startswith("_") and _is_plain(v)))
+        tensors = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in [*module.named_parameters(recurse=False),
+                                                                      *module.named_buffers(recurse=False)])
+        parts.append((name, type(module).__qualname__, settings, tensors))
+    return tuple(parts)
+
+
+def _is_plain(value: Any) -> bool:
+    """A setting that describes the network (a number, word, flag, enum or a tuple of them), not a tensor,
+    module, config mapping or function."""
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, enum.Enum))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` comparable and hashable: lists as tuples (a list and a tuple of one shape are one setting)."""
+    return tuple(_plain(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+
+def unique(candidates: Sequence[Candidate], img_size: int, patch_size: int) -> List[Candidate]:
+    """``candidates`` in order, each network once (the first spelling of it kept): two candidates are one
+    network when they build one (:func:`network_key`), however their options are written."""
     seen, kept = set(), []
     for candidate in candidates:
-        if candidate.key(patch_size) not in seen:
-            seen.add(candidate.key(patch_size))
+        key = network_key(candidate, img_size, patch_size)
+        if key not in seen:
+            seen.add(key)
             kept.append(candidate)
     return kept
 

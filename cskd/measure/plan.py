@@ -43,7 +43,7 @@ from cskd.export.exporter import ExportOptions, export_model
 from cskd.export.formats import PRECISIONS, check_export_args
 from cskd.files import atomic_write_json
 from cskd.measure.bench import BenchOptions, run_bench
-from cskd.measure.candidates import Candidate, default_family, label, train_command, unique
+from cskd.measure.candidates import Candidate, Network, default_family, label, network_key, train_command, unique
 from cskd.measure.plots import plot_plan
 from cskd.measure.served import ServedOptions
 from cskd.measure.training import random_cache, step_context, synthetic_batches, training_rates
@@ -110,6 +110,7 @@ class Planned:
     flops: int  # per image, fused model, batch 1
     run_dir: Path
     package: Path
+    network: Network  # the network as built (candidates.network_key): the config's own student is found by it
     train_images_per_s: float = 0.0  # measured once every candidate is built
     measured: Dict[str, Any] = field(default_factory=dict)  # p50 per batch size, speedup, served figures, budget, proxy
 
@@ -151,7 +152,7 @@ def plan(options: PlanOptions, log: Callable[[str], None] = print) -> Dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     export_log = _file_log(out / "plan.log")
     _, info = build_dataset(base.data.name, "val", base.data.path, base.data.channels)
-    candidates = unique(options.candidates, base.student.patch_size) or default_family(
+    candidates = unique(options.candidates, base.student.img_size, base.student.patch_size) or default_family(
         base.student.model, base.student.kwargs, base.student.img_size, base.student.patch_size)
     cache = _training_cache(base, info, out)
     device = pick_device(base.train.device)
@@ -250,7 +251,9 @@ def _prepare(candidate: Candidate, options: PlanOptions, base: Config, info: Dat
     params, flops = _cost(task.deployable(model), (spec.in_chans, spec.img_size, spec.img_size))
     log(f"== {name}: {cfg.student.model} {dict(cfg.student.kwargs)} patch {spec.patch_size}")
     package, _ = export_model(run.path, _export_options(options, out / "packages" / name, options.precision), log)
-    return Planned(candidate, name, cfg, overrides, params, flops, run.path, package), step_context(cfg, spec, cache, device)
+    network = network_key(candidate, base.student.img_size, base.student.patch_size)
+    return (Planned(candidate, name, cfg, overrides, params, flops, run.path, package, network),
+            step_context(cfg, spec, cache, device))
 
 
 @torch.no_grad()
@@ -404,9 +407,10 @@ def equal_time_epochs(epochs: int, reference_epoch_s: float, epoch_s: float) -> 
 
 
 def _own_student(planned: List[Planned], base: Config) -> Optional[Planned]:
-    """The config's own student among the candidates, if it is one."""
-    own = Candidate(base.student.model, dict(base.student.kwargs), base.student.patch_size).key(base.student.patch_size)
-    return next((p for p in planned if p.candidate.key(base.student.patch_size) == own), None)
+    """The config's own student among the candidates, if it is one: the one that builds its network."""
+    own = network_key(Candidate(base.student.model, dict(base.student.kwargs), base.student.patch_size),
+                      base.student.img_size, base.student.patch_size)
+    return next((p for p in planned if p.network == own), None)
 
 
 def pick(candidates: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
