@@ -5,6 +5,7 @@ end to end on two tiny candidates and the micro teacher."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cskd.measure.bench
 import cskd.measure.plan as plan_module
 from cskd.checkpoint import load_weights, save_weights
 from cskd.cli import main
@@ -213,7 +215,82 @@ def test_proxy_epochs_need_a_cached_teacher(micro_teacher, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Candidates, before any work
+# The plan's folder and its candidates, before any work
+
+
+@pytest.fixture
+def no_exports(monkeypatch):
+    """Make exporting fail loudly: a test that asserts no work was done uses it after its setup."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("an export ran: the plan did work before refusing")
+
+    return lambda: monkeypatch.setattr(plan_module, "export_model", refuse)
+
+
+def test_a_rerun_into_a_folder_holding_a_plan_is_refused_before_any_work(micro_teacher, tmp_path, no_exports, capsys):
+    options = tiny_options(tmp_path, micro_teacher, candidates=[parse_candidate(TINY[0])])
+    plan(options, log=lambda _: None)
+    before = (tmp_path / "plan" / "plan.json").read_text()
+    no_exports()
+    with pytest.raises(CSKDError) as error:
+        plan(options, log=lambda _: None)
+    message = str(error.value)
+    assert "already holds a plan (plan.json, plan.png, plan.log, untrained, packages, bench, random-teacher-maps)" in message
+    assert "pass a fresh --out, or --force" in message and "\n" not in message
+    assert (tmp_path / "plan" / "plan.json").read_text() == before  # untouched
+    capsys.readouterr()
+    assert main(["plan", *micro_teacher, "--candidates", TINY[0], "--out", str(tmp_path / "plan")]) != 0  # the command: one line
+    assert capsys.readouterr().err.strip().splitlines() == [f"cskd plan: error: {message}"]
+
+
+def test_force_replaces_the_earlier_plans_outputs_and_nothing_else(micro_teacher, tmp_path):
+    out = tmp_path / "plan"
+    (out / "proxy" / "old").mkdir(parents=True)
+    (out / "proxy" / "old" / RunDir.STATE).write_text("an earlier proxy run")  # what made a rerun stop part-way
+    (out / "notes.txt").write_text("mine")
+    result = plan(tiny_options(tmp_path, micro_teacher, candidates=[parse_candidate(TINY[0])], force=True), log=lambda _: None)
+    assert not (out / "proxy").exists() and (out / "notes.txt").read_text() == "mine"
+    assert result["complete"] and json.loads((out / "plan.json").read_text())["candidates"][0]["label"] == "nano-w32-d1-h2-p4"
+
+
+def test_force_refuses_to_delete_an_input_of_the_plan(micro_teacher, tmp_path, no_exports):
+    options = tiny_options(tmp_path, micro_teacher, candidates=[parse_candidate(TINY[0])])
+    first = plan(options, log=lambda _: None)
+    no_exports()
+    with pytest.raises(CSKDError, match="--teacher .* is inside .*packages, which --force would delete"):
+        plan(tiny_options(tmp_path, micro_teacher, candidates=[parse_candidate(TINY[0])], force=True,
+                          teacher=first["teacher"]["package"]), log=lambda _: None)
+    assert (tmp_path / "plan" / "packages" / "teacher" / "model.json").is_file()
+
+
+def test_plan_served_without_hey_is_refused_before_any_work(micro_teacher, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
+    with pytest.raises(CSKDError) as error:
+        plan(tiny_options(tmp_path, micro_teacher, served=True), log=lambda _: None)
+    assert not (tmp_path / "plan").exists()  # nothing built, exported or timed
+    assert "hey is not on PATH: install it (apt-get install hey" in str(error.value)
+
+
+def test_a_stage_that_fails_keeps_what_the_earlier_ones_measured_in_plan_json(micro_teacher, tmp_path, monkeypatch):
+    tools = tmp_path / "tools"  # a hey on PATH, so that the served stage starts (and then fails)
+    tools.mkdir()
+    (tools / "hey").write_text("#!/bin/sh\nexit 1\n")
+    (tools / "hey").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+
+    def server_dies(*args, **kwargs):
+        raise CSKDError("cskd serve exited with code 1")
+
+    monkeypatch.setattr(cskd.measure.bench, "measure_served", server_dies)
+    with pytest.raises(CSKDError, match="cskd serve exited"):
+        plan(tiny_options(tmp_path, micro_teacher, served=True), log=lambda _: None)
+    saved = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert saved["stages"] == ["built", "training step", "engine"] and not saved["complete"]
+    assert [c["label"] for c in saved["candidates"]] == ["nano-w32-d1-h2-p4", "nano-w32-d2-h2-p8"]
+    for c in saved["candidates"]:  # what was measured before the served stage, kept; the budget waits for it
+        assert c["params"] > 0 and c["train_images_per_s"] > 0 and set(c["p50_ms"]) == {"1", "8"} and "within_budget" not in c
+    assert saved["teacher"]["p50_ms"]["1"] > 0
+    assert len(json.loads((tmp_path / "plan" / "bench" / "bench.json").read_text())["rows"]) == 3 * 2  # the engines too
 
 
 def test_candidates_that_build_the_same_network_are_planned_once(micro_teacher, tmp_path, capsys):

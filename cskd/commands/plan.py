@@ -17,11 +17,14 @@ examples:
       deit_tiny_distilled_patch16_224:patch_size=8          # your own candidates: timm NAME[:key=value,...]
   cskd plan --precision int8 --min-speedup 4 --proxy-epochs 3 --train    # rank in the time of 3 demo epochs, train the best
   cskd plan --served --min-speedup 3                      # judged behind cskd serve (hey at concurrency 1)
+  cskd plan --precision int8 --min-speedup 4 --out runs/plan --force    # again into runs/plan, replacing the last plan there
 
 Each candidate is built untrained from the config and its overrides, exported as `cskd export` would
 (the parity gate off: random weights), and timed with the teacher in one interleaved `cskd bench` run;
 FLOPs come from torch's counter, training images/s from the real step on this machine. Writes
-OUT/plan.json, OUT/plan.png and, for each candidate within budget, the `cskd train` command that trains it.
+OUT/plan.json (after every stage, so a failure keeps what was measured), OUT/plan.png and, for each
+candidate within budget, the `cskd train` command that trains it. An OUT that holds a plan is refused
+before any work; --force replaces that plan's files (its proxy and train runs too).
 """
 
 
@@ -61,7 +64,9 @@ def add_parser(sub) -> None:
                                                             "--proxy-epochs each")
     p.add_argument("--train", action="store_true", help="then train the pick (best proxy top-1, else most FLOPs within "
                                                         "budget), in the config student's training time when measured")
-    p.add_argument("--out", type=Path, help="output folder (default: runs/plan-<timestamp>)")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/plan-<timestamp>); one holding a plan is refused")
+    p.add_argument("--force", action="store_true", help="replace the plan already in --out (its plan.json, packages, proxy "
+                                                        "and train runs; nothing else there), as cskd export --force does")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         candidates=[parse_candidate(text) for text in args.candidates or []], calib_images=args.calib_images,
         rounds=args.rounds, iters=args.iters, train_steps=args.train_steps, train_rounds=args.train_rounds,
         threads=args.threads,
-        proxy_epochs=args.proxy_epochs, proxy_schedule=args.proxy_schedule, train=args.train, out=args.out,
+        proxy_epochs=args.proxy_epochs, proxy_schedule=args.proxy_schedule, train=args.train, out=args.out, force=args.force,
         show_progress=not args.no_progress)
     result = plan(options)
     print(format_plan(result))

@@ -20,11 +20,19 @@ OUT/packages/LABEL/, packages/teacher/    the model packages that were timed
 OUT/bench/                           the interleaved benchmark (bench.json, latency.png)
 OUT/proxy/LABEL/, OUT/train/LABEL/   --proxy-epochs and --train runs
 ```
+
+``plan.json`` is written after every stage (built, training step, engine, served, each proxy, trained;
+its ``stages`` say which are done), so a stage that fails keeps what the earlier ones measured. The
+folder is the plan's own: a rerun into one that holds a plan is refused before any work, unless
+``force`` (``--force``) replaces what the earlier plan wrote there (:func:`claim_out`). Refused by
+default because those folders hold runs that cost real time (the proxies, the ``--train`` run), as
+``cskd train`` and ``cskd export`` refuse an output that holds a run or a package.
 """
 
 from __future__ import annotations
 
 import platform
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,12 +53,12 @@ from cskd.files import atomic_write_json
 from cskd.measure.bench import BenchOptions, run_bench
 from cskd.measure.candidates import Candidate, Network, default_family, label, network_key, train_command, unique
 from cskd.measure.plots import plot_plan
-from cskd.measure.served import ServedOptions
+from cskd.measure.served import ServedOptions, check_served_tools
 from cskd.measure.training import random_cache, step_context, synthetic_batches, training_rates
 from cskd.models import DenseTeacher
 from cskd.pairing import count_flops, count_params
 from cskd.progress import progress
-from cskd.run import RunDir, resolve_cache_reference
+from cskd.run import RunDir, resolve_cache_reference, resolve_teacher_reference
 from cskd.runtime.package import MODEL_JSON, read_package
 from cskd.tasks import get_task, load_trained
 from cskd.teacher_cache import TeacherCache, storage_topk
@@ -65,6 +73,8 @@ BACKENDS = {"onnxruntime": "onnx", "openvino": "onnx", "tensorrt": "trt"}
 # or in equal epochs.
 PROXY_SCHEDULES = ("time", "epochs")
 PARITY_IMAGES = 64  # the parity figures of an untrained package are recorded, not gated: a few images do
+# What a plan writes in its folder, all of it its own (claim_out refuses or replaces exactly these).
+PLAN_OUTPUTS = ("plan.json", "plan.png", "plan.log", "untrained", "packages", "bench", "proxy", "train", "random-teacher-maps")
 NOTES = (
     "weights: untrained (latency does not depend on them); the parity gate is off and model.json says so",
     "training images/s: the real step (loss, optimiser, cached-teacher targets) on synthetic batches, data loading not timed",
@@ -95,6 +105,7 @@ class PlanOptions:
     proxy_schedule: str = "time"  # time: each the time proxy_epochs of the config's student take; epochs: proxy_epochs each
     train: bool = False  # then train the pick, in the config student's training time where the proxies measured it
     out: Optional[Path] = None  # None: runs/plan-<timestamp>
+    force: bool = False  # replace what an earlier plan wrote in out (else a folder holding a plan is refused)
     show_progress: bool = True
 
 
@@ -111,8 +122,20 @@ class Planned:
     run_dir: Path
     package: Path
     network: Network  # the network as built (candidates.network_key): the config's own student is found by it
-    train_images_per_s: float = 0.0  # measured once every candidate is built
+    train_images_per_s: Optional[float] = None  # measured once every candidate is built
     measured: Dict[str, Any] = field(default_factory=dict)  # p50 per batch size, speedup, served figures, budget, proxy
+
+
+@dataclass
+class Measured:
+    """What the plan has measured so far: ``plan.json`` is written from it after every stage."""
+
+    planned: List[Planned] = field(default_factory=list)
+    teacher: Optional[Path] = None  # its package
+    teacher_cost: Tuple[Optional[int], Optional[int]] = (None, None)  # parameters, FLOPs
+    teacher_figures: Optional[Dict[str, Any]] = None  # its p50 and speedups (1.0), once the engines are timed
+    stages: List[str] = field(default_factory=list)  # done, in order: built, training step, engine, served, proxy, trained
+    trained: Optional[Dict[str, Any]] = None  # --train's run
 
 
 def check_options(options: PlanOptions) -> None:
@@ -135,6 +158,8 @@ def check_options(options: PlanOptions) -> None:
     if options.proxy_schedule not in PROXY_SCHEDULES:
         raise CSKDError(f"--proxy-schedule {options.proxy_schedule} is not one of {', '.join(PROXY_SCHEDULES)}"
                         f"{did_you_mean(options.proxy_schedule, PROXY_SCHEDULES)}")
+    if options.served:
+        check_served_tools()  # the served stage comes after every candidate is built, exported and timed
     try:
         check_export_args(BACKENDS[options.backend], options.precision, "float").preflight(None)
     except CSKDError as exc:  # e.g. no TensorRT here: the fix for a plan is another target
@@ -142,54 +167,105 @@ def check_options(options: PlanOptions) -> None:
 
 
 def plan(options: PlanOptions, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Build, export and time every candidate with the teacher; returns what ``plan.json`` holds."""
+    """Build, export and time every candidate with the teacher; returns what ``plan.json`` holds (written
+    after every stage: a later failure keeps the earlier figures)."""
     started = time.perf_counter()
     check_options(options)
     notes: List[str] = []
     base = load_config(options.config, options.overrides, notes)
     _check_config(base, options)
+    img_size, patch_size = base.student.img_size, base.student.patch_size
+    candidates = unique(options.candidates, img_size, patch_size) or default_family(
+        base.student.model, base.student.kwargs, img_size, patch_size)
     out = Path(options.out) if options.out else RunDir.default_path("plan")
+    claim_out(out, options, base)
     out.mkdir(parents=True, exist_ok=True)
     export_log = _file_log(out / "plan.log")
     _, info = build_dataset(base.data.name, "val", base.data.path, base.data.channels)
-    candidates = unique(options.candidates, base.student.img_size, base.student.patch_size) or default_family(
-        base.student.model, base.student.kwargs, base.student.img_size, base.student.patch_size)
+    measured = Measured()
+
+    def write() -> Dict[str, Any]:
+        result = _result(options, base, info, measured, notes, out)
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        atomic_write_json(out / "plan.json", result)
+        if all("within_budget" in c for c in result["candidates"]) and measured.teacher_figures is not None:
+            plot_plan(result, out / "plan.png")
+        return result
+
     cache = _training_cache(base, info, out)
     device = pick_device(base.train.device)
-    planned: List[Planned] = []
     steps: List[StepContext] = []
     with progress(len(candidates) + 1, "plan: build, export", "model", options.show_progress) as bar:
         for candidate in candidates:
             candidate_plan, step = _prepare(candidate, options, base, info, cache, device, out, export_log)
-            planned.append(candidate_plan)
+            measured.planned.append(candidate_plan)
             steps.append(step)
+            write()
             bar.update(1)
-        teacher, teacher_net = _teacher_package(options, base, info, planned[0].run_dir, out, export_log)
-        teacher_cost = _cost(teacher_net, (info.channels, base.student.img_size, base.student.img_size))
+        measured.teacher, teacher_net = _teacher_package(options, base, info, measured.planned[0].run_dir, out, export_log)
+        measured.teacher_cost = _cost(teacher_net, (info.channels, img_size, img_size))
         bar.update(1)
-    batches = synthetic_batches(base.train.batch_size, options.train_steps, info.channels, base.student.img_size,
+    measured.stages.append("built")
+    write()
+    batches = synthetic_batches(base.train.batch_size, options.train_steps, info.channels, img_size,
                                 info.num_classes, cache.manifest.count if cache is not None else 1, device)
     rates = training_rates(steps, batches, options.train_rounds)
-    for candidate_plan, rounds in zip(planned, rates):
+    for candidate_plan, rounds in zip(measured.planned, rates):
         candidate_plan.train_images_per_s = statistics.median(rounds)
     del steps, batches  # the networks and optimiser states: not needed for timing the engines
-    bench = run_bench([p.package for p in planned], teacher, _bench_options(options, out), export_log)
-    teacher_figures = _record(planned, bench, options)
+    measured.stages.append("training step")
+    write()
 
-    def write(**extra: Any) -> Dict[str, Any]:  # after the measurement, and again after any training
-        result = _result(options, base, info, planned, teacher, teacher_cost, teacher_figures, notes, out)
-        result.update(extra, wall_s=round(time.perf_counter() - started, 1))
-        atomic_write_json(out / "plan.json", result)
-        plot_plan(result, out / "plan.png")
-        return result
+    def engine_timed(bench: Dict[str, Any]) -> None:  # before --served, which can still fail
+        measured.teacher_figures = _record(measured.planned, bench, options)
+        measured.stages.append("engine")
+        write()
 
+    bench = run_bench([p.package for p in measured.planned], measured.teacher, _bench_options(options, out), export_log,
+                      on_engine=engine_timed)
+    if options.served:
+        measured.teacher_figures = _record(measured.planned, bench, options)
+        measured.stages.append("served")
     result = write()
     if options.proxy_epochs:
-        _proxy(options, base, planned, out)
+        _proxy(options, base, measured.planned, out, write)
+        measured.stages.append("proxy")
         result = write()
     if options.train:
-        result = write(trained=train_pick(options, result))
+        measured.trained = train_pick(options, result)
+        measured.stages.append("trained")
+        result = write()
     return result
+
+
+def claim_out(out: Path, options: PlanOptions, cfg: Config) -> None:
+    """Make ``out`` the plan's own, before any work: a folder that holds an earlier plan's outputs
+    (:data:`PLAN_OUTPUTS`) is refused, or with ``force`` those outputs are deleted (nothing else in it is
+    touched). Refusing is the default because they hold runs that cost real time to make (proxies, the
+    ``--train`` run); a rerun would otherwise stop on them part-way (``already holds a run``) after
+    re-measuring everything. An input of this plan inside them (its config, teacher, cache or data) is
+    refused even with ``force``."""
+    held = [out / name for name in PLAN_OUTPUTS if (out / name).exists()]
+    if not held:
+        return
+    if not options.force:
+        raise CSKDError(f"{out} already holds a plan ({', '.join(p.name for p in held)}); pass a fresh --out, or --force to "
+                        "replace that plan's outputs (its packages, proxy and train runs included)")
+    inputs = [("--config", options.config), ("--teacher", options.teacher),
+              ("teacher.cache", cfg.teacher.cache and str(resolve_cache_reference(cfg.teacher.cache))),
+              ("teacher.checkpoint", cfg.teacher.checkpoint and str(resolve_teacher_reference(cfg.teacher.checkpoint))),
+              ("data.path", cfg.data.path)]
+    for name, value in inputs:
+        inside = next((p for p in held if value and Path(value).exists() and Path(value).resolve().is_relative_to(p.resolve())),
+                      None)
+        if inside is not None:
+            raise CSKDError(f"{name} {value} is inside {inside}, which --force would delete; copy it out of {out} or pass a "
+                            "fresh --out")
+    for path in held:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _check_config(cfg: Config, options: PlanOptions) -> None:
@@ -332,7 +408,8 @@ def _bench_options(options: PlanOptions, out: Path) -> BenchOptions:
 
 
 def _record(planned: List[Planned], bench: Dict[str, Any], options: PlanOptions) -> Dict[str, Any]:
-    """Copy each package's benchmark figures onto its candidate, judge the budget; returns the teacher's."""
+    """Copy each package's benchmark figures onto its candidate and judge the budget once the figures it is
+    judged on are in (with ``--served``, after the served stage); returns the teacher's figures."""
     by_folder: Dict[str, Dict[str, Any]] = {}  # batch sizes as strings: the figures read the same from plan.json
     for row in bench["rows"]:
         figures = by_folder.setdefault(row["folder"], {"p50_ms": {}, "speedup": {}})
@@ -341,9 +418,12 @@ def _record(planned: List[Planned], bench: Dict[str, Any], options: PlanOptions)
     for row in bench.get("served", []):
         by_folder[row["folder"]].update(served_p50_ms=row["p50_ms"], served_speedup=row["served_speedup"])
     teacher = by_folder[next(r["folder"] for r in bench["rows"] if r["role"] == "teacher")]
+    judged = not options.served or "served" in bench
     for p in planned:
         p.measured.update(by_folder[str(p.package)])
-        p.measured["within_budget"] = within_budget(latency(p.measured, options.served), latency(teacher, options.served), options)
+        if judged:
+            p.measured["within_budget"] = within_budget(latency(p.measured, options.served), latency(teacher, options.served),
+                                                        options)
     return teacher
 
 
@@ -366,13 +446,14 @@ def budget_ms(teacher_ms: float, options: PlanOptions) -> Optional[float]:
     return min(bounds) if bounds else None
 
 
-def _proxy(options: PlanOptions, base: Config, planned: List[Planned], out: Path) -> None:
+def _proxy(options: PlanOptions, base: Config, planned: List[Planned], out: Path, write: Callable[[], Any]) -> None:
     """Train each candidate within budget briefly from the cached teacher (``proxy_schedule``: in the time
     ``proxy_epochs`` of the config's student take by the step rates measured, or ``proxy_epochs`` each);
     record its best fused top-1 and what an epoch of it really costs here (data loading and validation included), and from that
-    the epochs each gets in the training time of the config's own student (when that one was trained too)."""
+    the epochs each gets in the training time of the config's own student (when that one was trained too);
+    ``plan.json`` after each."""
     own = _own_student(planned, base)
-    within = [p for p in planned if p.measured["within_budget"]]
+    within = [p for p in planned if p.measured.get("within_budget")]
     if not within:
         return
     # equal time: the step rates measured above scale the epochs, the config's student (else the slowest within budget) at proxy_epochs
@@ -385,6 +466,7 @@ def _proxy(options: PlanOptions, base: Config, planned: List[Planned], out: Path
         result = train(cfg, show_progress=options.show_progress)
         p.measured.update(proxy_top1=result.best_top1, proxy_epochs=epochs, proxy_wall_s=round(result.wall_s, 1),
                           epoch_s=epoch_seconds(RunDir(result.run_dir).metrics()))
+        write()
     reference = own.measured.get("epoch_s") if own is not None else None
     for p in planned:
         if reference and p.measured.get("epoch_s"):
@@ -415,7 +497,7 @@ def _own_student(planned: List[Planned], base: Config) -> Optional[Planned]:
 
 def pick(candidates: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The candidate to train: the best proxy top-1 within budget, else (no proxy) the one of most FLOPs."""
-    within = [c for c in candidates if c["within_budget"]]
+    within = [c for c in candidates if c.get("within_budget")]
     if not within:
         return None
     if any(c.get("proxy_top1") is not None for c in within):
@@ -441,11 +523,12 @@ def train_pick(options: PlanOptions, result: Dict[str, Any], log: Callable[[str]
     return {"label": chosen["label"], "command": command, "run": str(run.run_dir), "best_top1": run.best_top1}
 
 
-def _result(options: PlanOptions, base: Config, info: DatasetInfo, planned: List[Planned], teacher: Path,
-            teacher_cost: Tuple[Optional[int], Optional[int]], teacher_figures: Dict[str, Any], notes: List[str],
+def _result(options: PlanOptions, base: Config, info: DatasetInfo, measured: Measured, notes: List[str],
             out: Path) -> Dict[str, Any]:
-    package = read_package(teacher)
-    teacher_ms = latency(teacher_figures, options.served)
+    """What ``plan.json`` holds, from what is measured so far (``stages``; ``complete`` once all are done)."""
+    package = read_package(measured.teacher) if measured.teacher is not None else None
+    figures = measured.teacher_figures
+    teacher_ms = latency(figures, options.served) if figures and (not options.served or "served_p50_ms" in figures) else None
     candidates = [{
         "label": p.label, "model": p.candidate.model, "kwargs": dict(p.candidate.kwargs), "patch_size": p.config.student.patch_size,
         "params": p.params, "flops": p.flops, "train_images_per_s": p.train_images_per_s, **p.measured,
@@ -454,23 +537,29 @@ def _result(options: PlanOptions, base: Config, info: DatasetInfo, planned: List
                                                               f"train.epochs={p.measured['equal_time_epochs']}"])
                                if "equal_time_epochs" in p.measured else None),
         "package": str(p.package), "run_dir": str(p.run_dir),
-    } for p in planned]
+    } for p in measured.planned]
     chosen = pick(candidates)
-    own = _own_student(planned, base)
+    own = _own_student(measured.planned, base)
+    stages = ["built", "training step", "engine", *(["served"] if options.served else []),
+              *(["proxy"] if options.proxy_epochs else []), *(["trained"] if options.train else [])]
     return {
+        "stages": list(measured.stages), "complete": measured.stages == stages,
         "data": {"name": base.data.name, "img_size": base.student.img_size, "channels": info.channels, "classes": info.num_classes},
         "target": {"backend": options.backend, "precision": options.precision, "batch_sizes": sorted({1, *options.batch_sizes}),
                    "served": options.served},
         "budget": {"max_latency_ms": options.max_latency_ms, "min_speedup": options.min_speedup,
-                   "latency_ms": budget_ms(teacher_ms, options), "judged_on": "served p50, concurrency 1" if options.served
-                   else "engine p50, batch 1"},
-        "teacher": {"label": f"teacher {package.architecture}", "model": package.architecture, "precision": package.precision,
-                    "params": teacher_cost[0], "flops": teacher_cost[1], "package": str(teacher), **teacher_figures},
+                   "latency_ms": budget_ms(teacher_ms, options) if teacher_ms else None,
+                   "judged_on": "served p50, concurrency 1" if options.served else "engine p50, batch 1"},
+        "teacher": {"label": f"teacher {package.architecture}" if package else "teacher",
+                    "model": package.architecture if package else None, "precision": package.precision if package else None,
+                    "params": measured.teacher_cost[0], "flops": measured.teacher_cost[1],
+                    "package": str(measured.teacher) if measured.teacher else None, **(figures or {})},
         "candidates": candidates,
         "pick": chosen["label"] if chosen else None,
         "config_student": own.label if own is not None else None,
         "config": {"config": options.config, "overrides": list(options.overrides), "train_batch_size": base.train.batch_size,
                    "epochs": base.train.epochs},
+        **({"trained": measured.trained} if measured.trained is not None else {}),
         "notes": [*NOTES, *_config_notes(options, base), *notes],
         "out": str(out), "bench": str(out / "bench" / "bench.json"),
         "machine": {"processor": platform.processor() or platform.machine(), "system": platform.platform(),
@@ -535,7 +624,7 @@ def _count(value: Optional[int], unit: float, suffix: str) -> str:
 def format_summary(result: Dict[str, Any]) -> List[str]:
     """The lines after the table: the budget, how many meet it, the pick and the command that trains it."""
     budget, target = result["budget"], result["target"]
-    within = [c for c in result["candidates"] if c["within_budget"]]
+    within = [c for c in result["candidates"] if c.get("within_budget")]
     wanted = ", ".join(part for part in (f"<= {budget['max_latency_ms']:g} ms" if budget["max_latency_ms"] else "",
                                          f">= {budget['min_speedup']:g}x the teacher" if budget["min_speedup"] else "") if part)
     lines = [f"target: {target['backend']} {target['precision']}; budget: {wanted or 'none (every candidate counts)'}, "
