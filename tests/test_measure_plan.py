@@ -5,6 +5,7 @@ end to end on two tiny candidates and the micro teacher."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from cskd.errors import CSKDError
 from cskd.export.exporter import ExportOptions, export_model
 from cskd.measure.candidates import DEMO_STUDENT, parse_candidate
 from cskd.measure.plan import PlanOptions, budget_ms, plan, within_budget
+from cskd.measure.training import EpochCost
 from cskd.models import create_student, fuse_heads
 from cskd.pairing import count_flops, count_params
 from cskd.run import RunDir
@@ -149,51 +151,100 @@ def test_int8_candidates_are_quantised_by_the_export_recipe_calibrated_on_traini
 # Proxy ranking and --train
 
 
-def test_proxy_epochs_rank_the_candidates_within_budget_and_train_trains_the_best(micro_teacher, tmp_path, monkeypatch):
+def fake_run(cfg, start_s: float, step_s: float, val_s: float, steps_per_epoch: int) -> None:
+    """The metrics rows of a run of ``cfg`` that starts in ``start_s`` and whose epochs take ``step_s`` a step
+    and ``val_s`` to validate (its last epoch cut short at ``train.max_steps``), as cskd train writes them."""
+    total = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or 1 << 30)
+    RunDir(cfg.output).path.mkdir(parents=True, exist_ok=True)
+    rows, clock = [], start_s
+    for epoch in range(math.ceil(total / steps_per_epoch)):
+        steps = min(steps_per_epoch, total - epoch * steps_per_epoch)
+        rows.append({"epoch": epoch + 1, "epoch_start_s": clock, "steps": steps, "val_s": val_s,
+                     "time_s": clock + steps * step_s + val_s})
+        clock = rows[-1]["time_s"]
+    (RunDir(cfg.output).path / RunDir.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_proxies_train_in_equal_time_as_step_budgets_rank_the_candidates_and_train_trains_the_best(micro_teacher, tmp_path,
+                                                                                                   monkeypatch):
     calls = []
+    # what each candidate's real step and validation pass cost (the plan measures them on real batches): the config's
+    # student 0.1 s a step and 2 s to validate, 12 s an epoch of 100 steps; the other 0.25 s and 3 s, 28 s an epoch
+    costs = {"nano-w32-d1-h2-p4": EpochCost(0.1, 2.0, 100), "nano-w32-d2-h2-p8": EpochCost(0.25, 3.0, 100)}
+    timed = []
+    monkeypatch.setattr(plan_module, "_epoch_costs", lambda base, info, planned, cache, device: (
+        timed.append([p.label for p in planned]) or costs))
 
     def fake_train(cfg, show_progress=True, **kwargs):  # what a run would report, by depth: the deeper one wins
         calls.append(cfg)
-        depth = cfg.student.kwargs["depth"]  # and takes longer: 3 s to start, then 4 s an epoch per block
-        RunDir(cfg.output).path.mkdir(parents=True, exist_ok=True)
-        (RunDir(cfg.output).path / RunDir.METRICS).write_text(
-            "".join(json.dumps({"epoch": e, "time_s": 3.0 + 4.0 * depth * e}) + "\n" for e in range(1, cfg.train.epochs + 1)))
-        return SimpleNamespace(best_top1=50.0 + depth, wall_s=1.0, run_dir=cfg.output)
+        depth = cfg.student.kwargs["depth"]
+        cost = costs["nano-w32-d1-h2-p4" if depth == 1 else "nano-w32-d2-h2-p8"]
+        fake_run(cfg, 5.0 * depth, cost.step_s, cost.val_s, 100)  # a start of 5 s a block: left out of every figure
+        return SimpleNamespace(best_top1=50.0 + depth, wall_s=99.0, run_dir=cfg.output)
 
     monkeypatch.setattr(plan_module, "train", fake_train)
-    # the step rates the plan measured: the two-block candidate trains half as many images a second
-    monkeypatch.setattr(plan_module, "training_rates", lambda steps, batches, rounds: [[400.0], [200.0]])
     no_kd = ["loss.deit_type=none", "loss.cskd_type=none"]  # no teacher targets: the proxy needs no cache
     own = "student.kwargs={embed_dim: 32, depth: 1, num_heads: 2}"  # the config's own student is the first candidate
     options = tiny_options(tmp_path, micro_teacher, overrides=[*micro_teacher, *no_kd, own, "train.epochs=6"], proxy_epochs=4,
                            train=True)
     result = plan(options, log=lambda _: None)
     proxies, final = calls[:-1], calls[-1]
-    # equal time: the config's student 4 epochs, the one half as fast 2
-    assert [c.train.epochs for c in proxies] == [4, 2] and all("/proxy/" in c.output for c in proxies)
+    assert timed == [["nano-w32-d1-h2-p4", "nano-w32-d2-h2-p8"]]  # every candidate within budget, the config's student
+    # equal time: the config's student 4 epochs (48 s) as 400 steps; the other 1 epoch (28 s) and, after its 3 s
+    # validation pass, 68 steps of 0.25 s: 168 steps, 2 epochs, 48 s
+    assert [(c.train.max_steps, c.train.epochs) for c in proxies] == [(400, 4), (168, 2)]
+    # the warm-up the same share of each one's steps (the demo's 1 epoch of 4: a quarter), the cosine over them
+    assert [c.train.warmup_epochs for c in proxies] == [1.0, 0.42] and all("/proxy/" in c.output for c in proxies)
+    assert result["proxy"] == {"schedule": "time", "reference": "nano-w32-d1-h2-p4", "budget_s": 48.0,
+                               "timed_steps": plan_module.PROXY_TIMED_STEPS}
     assert [c["proxy_top1"] for c in result["candidates"]] == [51.0, 52.0]
-    assert [c["proxy_epochs"] for c in result["candidates"]] == [4, 2]
-    # seconds per epoch between epochs 1 and 2 (the start left out); the two-block one trains half the epochs in the same time
-    assert [c["epoch_s"] for c in result["candidates"]] == [4.0, 8.0] and result["config_student"] == result["candidates"][0]["label"]
+    assert [(c["proxy_steps"], c["proxy_epochs"]) for c in result["candidates"]] == [(400, 4.0), (168, 1.68)]
+    assert [c["proxy_train_s"] for c in result["candidates"]] == [48.0, 48.0]  # the same wall time, the starts left out
+    # seconds per whole epoch from each epoch's own start; the two-block one trains 12/28 of the epochs in the same time
+    assert [c["epoch_s"] for c in result["candidates"]] == [12.0, 28.0] and result["config_student"] == result["candidates"][0]["label"]
     assert [c["equal_time_epochs"] for c in result["candidates"]] == [6, 3]
     assert result["candidates"][1]["equal_time_command"].endswith("train.epochs=3")
     summary = "\n".join(plan_module.format_summary(result))
+    assert "proxies: each in the time of 4 epochs of nano-w32-d1-h2-p4 (48 s" in summary and "took 1.00-1.00x" in summary
     assert "at the training time of the config's own student (6 epochs" in summary
     table = plan_module.format_plan(result).splitlines()
-    assert table[0].endswith("equal-time epochs") and table[-1].split()[-5:] == ["52.00%", "(2", "ep)", "8.0", "3"]
+    assert table[0].endswith("equal-time epochs") and table[-1].split()[-6:] == ["52.00%", "(1.68", "ep)", "48", "28.0", "3"]
     assert result["pick"] == result["candidates"][1]["label"]
-    assert final.train.epochs == 3 and final.output.endswith(f"/train/{result['pick']}")  # in the own student's 6 epochs' time
+    assert final.train.epochs == 3 and final.train.max_steps is None  # in the own student's 6 epochs' time, whole epochs
+    assert final.output.endswith(f"/train/{result['pick']}")
     assert final.student.kwargs == result["candidates"][1]["kwargs"] and final.student.patch_size == 8
     assert result["trained"]["command"].startswith("cskd train ") and "student.patch_size=8 " in result["trained"]["command"]
     assert "train.epochs=3" in result["trained"]["command"]
     saved = json.loads((tmp_path / "plan" / "plan.json").read_text())
-    assert saved["trained"]["best_top1"] == 52.0 and saved["candidates"][1]["proxy_top1"] == 52.0
+    assert saved["trained"]["best_top1"] == 52.0 and saved["candidates"][1]["proxy_top1"] == 52.0 and saved["complete"]
 
 
-def test_seconds_per_epoch_leave_the_start_out_where_two_epochs_show_it():
-    rows = [{"epoch": 1, "time_s": 30.0}, {"epoch": 2, "time_s": 40.0}, {"epoch": 3, "time_s": 52.0}]
-    assert plan_module.epoch_seconds(rows) == 11.0  # (52 - 30) / 2
-    assert plan_module.epoch_seconds(rows[:1]) == 30.0 and plan_module.epoch_seconds([]) is None
+@pytest.mark.slow
+def test_equal_time_proxies_train_for_real_each_within_its_step_budget(micro_teacher, tmp_path):
+    small = ["data.max_train=64", "data.max_val=32", "data.workers=0", "train.batch_size=16", "loss.deit_type=none",
+             "loss.cskd_type=none", "student.kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]  # 4 steps an epoch
+    result = plan(tiny_options(tmp_path, micro_teacher, overrides=[*micro_teacher, *small], proxy_epochs=2), log=lambda _: None)
+    own, other = result["candidates"]
+    assert result["proxy"]["reference"] == own["label"] == result["config_student"] and own["proxy_steps"] == 2 * 4
+    for c in result["candidates"]:
+        run = RunDir(tmp_path / "plan" / "proxy" / c["label"])
+        assert run.config().train.max_steps == c["proxy_steps"] == sum(r["steps"] for r in run.metrics())  # the budget, kept
+        assert c["step_s"] > 0 and c["val_s"] > 0 and c["proxy_train_s"] > 0 and c["epoch_s"] > 0
+
+
+def test_seconds_per_epoch_are_timed_from_each_epochs_own_start_a_one_epoch_runs_too():
+    # a run that took 30 s to start; epochs of 100 steps at 0.1 s and a 2 s validation pass: 12 s each; the last
+    # one cut short at 50 steps by a step budget; checkpoints written between epochs (0.5 s)
+    rows = [{"epoch": 1, "epoch_start_s": 30.0, "time_s": 42.0, "steps": 100, "val_s": 2.0},
+            {"epoch": 2, "epoch_start_s": 42.5, "time_s": 54.5, "steps": 100, "val_s": 2.0},
+            {"epoch": 3, "epoch_start_s": 55.0, "time_s": 62.0, "steps": 50, "val_s": 2.0}]
+    assert plan_module.epoch_seconds(rows[:1]) == 12.0  # its own 12 s, not the 42 since the run started
+    assert plan_module.epoch_seconds(rows) == 12.0 and plan_module.train_seconds(rows) == 31.0  # 250 steps: 25 s + 3 x 2 s
+    assert plan_module.epoch_seconds(rows[2:], steps_per_epoch=100) == 12.0  # a cut-short epoch alone, scaled to a whole one
+    # rows from before epochs recorded their start: between the first and last epoch; one such epoch cannot tell
+    legacy = [{"epoch": 1, "time_s": 30.0}, {"epoch": 2, "time_s": 40.0}, {"epoch": 3, "time_s": 52.0}]
+    assert plan_module.epoch_seconds(legacy) == 11.0 and plan_module.epoch_seconds(legacy[:1]) is None
+    assert plan_module.epoch_seconds([]) is None and plan_module.train_seconds(legacy) is None
     assert plan_module.equal_time_epochs(24, 38.6, 13.1) == 71 and plan_module.equal_time_epochs(2, 1.0, 9.0) == 1
 
 
@@ -263,6 +314,16 @@ def test_force_refuses_to_delete_an_input_of_the_plan(micro_teacher, tmp_path, n
     assert (tmp_path / "plan" / "packages" / "teacher" / "model.json").is_file()
 
 
+def test_candidates_that_build_the_same_network_are_planned_once(micro_teacher, tmp_path, capsys):
+    # the issue's case: the demo student, and the same with its default width written out (one label, one folder)
+    code = main(["plan", *micro_teacher, "--candidates", DEMO_STUDENT, f"{DEMO_STUDENT}:embed_dim=96", "--rounds", "1",
+                 "--iters", "2", "--train-steps", "1", "--train-rounds", "1", "--no-progress", "--out", str(tmp_path / "plan")])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert [(c["label"], c["kwargs"]) for c in result["candidates"]] == [("nano-w96-d4-h3-p4", {})]  # the first spelling
+    assert result["config_student"] == "nano-w96-d4-h3-p4"  # the demo config's own student, found by its network
+
+
 def test_plan_served_without_hey_is_refused_before_any_work(micro_teacher, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
     with pytest.raises(CSKDError) as error:
@@ -291,16 +352,6 @@ def test_a_stage_that_fails_keeps_what_the_earlier_ones_measured_in_plan_json(mi
         assert c["params"] > 0 and c["train_images_per_s"] > 0 and set(c["p50_ms"]) == {"1", "8"} and "within_budget" not in c
     assert saved["teacher"]["p50_ms"]["1"] > 0
     assert len(json.loads((tmp_path / "plan" / "bench" / "bench.json").read_text())["rows"]) == 3 * 2  # the engines too
-
-
-def test_candidates_that_build_the_same_network_are_planned_once(micro_teacher, tmp_path, capsys):
-    # the issue's case: the demo student, and the same with its default width written out (one label, one folder)
-    code = main(["plan", *micro_teacher, "--candidates", DEMO_STUDENT, f"{DEMO_STUDENT}:embed_dim=96", "--rounds", "1",
-                 "--iters", "2", "--train-steps", "1", "--train-rounds", "1", "--no-progress", "--out", str(tmp_path / "plan")])
-    assert code == 0, capsys.readouterr().err
-    result = json.loads((tmp_path / "plan" / "plan.json").read_text())
-    assert [(c["label"], c["kwargs"]) for c in result["candidates"]] == [("nano-w96-d4-h3-p4", {})]  # the first spelling
-    assert result["config_student"] == "nano-w96-d4-h3-p4"  # the demo config's own student, found by its network
 
 
 @pytest.mark.parametrize("options, fragment", [
@@ -345,3 +396,18 @@ def test_cli_plans_two_candidates_and_writes_the_table_json_plot_and_commands(mi
 def test_cli_refuses_an_override_after_candidates_with_a_fix(capsys):
     assert main(["plan", "--candidates", TINY[0], "train.epochs=3"]) == 2
     assert "put config overrides before --candidates" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/plan_frontier.py: the proxy ranking against full training
+
+
+def test_kendall_tau_b_counts_concordant_and_discordant_pairs_by_hand():
+    from benchmarks.plan_frontier import kendall_tau_b
+
+    assert kendall_tau_b([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0 and kendall_tau_b([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    # one swapped pair of six: (5 - 1) / 6
+    assert kendall_tau_b([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    # ties: pairs 01 02 03 13 concordant, 12 tied in x only, 23 tied in y only: 4 / sqrt((4 + 1) * (4 + 1))
+    assert kendall_tau_b([1, 2, 2, 3], [1, 2, 3, 3]) == pytest.approx(0.8)
+    assert math.isnan(kendall_tau_b([1, 1], [2, 3]))  # nothing to rank

@@ -57,11 +57,12 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
     p.add_argument("--proxy-epochs", type=int, default=0, help="train the candidates within budget briefly from the cached "
                                                                "teacher, the config's student this many epochs and each other "
-                                                               "one in the same time, and rank them by fused top-1; their real "
-                                                               "seconds per epoch give each one's epochs in the config "
-                                                               "student's full training time")
-    p.add_argument("--proxy-schedule", default="time", help="time (default): equal training time per candidate; epochs: "
-                                                            "--proxy-epochs each")
+                                                               "one in the same wall time (a budget of optimiser steps from its "
+                                                               "real step and validation times), and rank them by fused top-1; "
+                                                               "their real seconds per epoch give each one's epochs in the "
+                                                               "config student's full training time")
+    p.add_argument("--proxy-schedule", default="time", help="time (default): equal wall time per candidate, as step budgets "
+                                                            "with the LR schedule over them; epochs: --proxy-epochs each")
     p.add_argument("--train", action="store_true", help="then train the pick (best proxy top-1, else most FLOPs within "
                                                         "budget), in the config student's training time when measured")
     p.add_argument("--out", type=Path, help="output folder (default: runs/plan-<timestamp>); one holding a plan is refused")

@@ -8,10 +8,13 @@ precision (the parity gate off: random weights have no accuracy to keep), and ti
 in one interleaved ``cskd bench`` run (:func:`cskd.measure.bench.run_bench`). Beside its latency:
 parameters and FLOPs of the fused model (:func:`cskd.pairing.count_flops`) and the images/s of its
 training step on this machine (:mod:`cskd.measure.training`). A budget (batch-1 latency, or speedup
-over the teacher) marks the candidates that meet it; ``--proxy-epochs`` trains those for a few epochs
-and ranks them by accuracy, and the seconds per epoch those runs measure (data loading and validation
-included, which the synthetic step leaves out) give each candidate's epochs in the training time of
-the config's own student; ``--train`` trains the pick in that time (else with the config's epochs).
+over the teacher) marks the candidates that meet it; ``--proxy-epochs`` trains those briefly and ranks
+them by accuracy, each in the same wall time by default: the time ``--proxy-epochs`` epochs of the
+config's own student take, measured on real batches and a validation pass (what the synthetic step
+leaves out), given to each candidate as a budget of optimiser steps (``train.max_steps``) that its
+learning-rate schedule is laid out over. The seconds per epoch those runs measure, each epoch timed
+from its own start, give each candidate's epochs in the training time of the config's own student;
+``--train`` trains the pick in that time (else with the config's epochs).
 
 ```
 OUT/plan.json, plan.png, plan.log    the table as JSON, latency against FLOPs, what the exports said
@@ -31,6 +34,7 @@ default because those folders hold runs that cost real time (the proxies, the ``
 
 from __future__ import annotations
 
+import math
 import platform
 import shutil
 import statistics
@@ -44,7 +48,7 @@ import torch
 from cskd.checkpoint import save_weights
 from cskd.config import Config, load_config
 from cskd.data.datasets import DatasetInfo, build_dataset
-from cskd.distributed import pick_device
+from cskd.distributed import DistEnv, pick_device
 from cskd.engine import StepContext
 from cskd.errors import CSKDError, did_you_mean
 from cskd.export.exporter import ExportOptions, export_model
@@ -54,7 +58,7 @@ from cskd.measure.bench import BenchOptions, run_bench
 from cskd.measure.candidates import Candidate, Network, default_family, label, network_key, train_command, unique
 from cskd.measure.plots import plot_plan
 from cskd.measure.served import ServedOptions, check_served_tools
-from cskd.measure.training import random_cache, step_context, synthetic_batches, training_rates
+from cskd.measure.training import EpochCost, epoch_cost, random_cache, step_context, synthetic_batches, training_rates
 from cskd.models import DenseTeacher
 from cskd.pairing import count_flops, count_params
 from cskd.progress import progress
@@ -63,7 +67,7 @@ from cskd.runtime.package import MODEL_JSON, read_package
 from cskd.tasks import get_task, load_trained
 from cskd.teacher_cache import TeacherCache, storage_topk
 from cskd.teachers import teacher_network
-from cskd.train import train
+from cskd.train import build_loaders, train
 
 # The target backend -> the export format that runs on it.
 BACKENDS = {"onnxruntime": "onnx", "openvino": "onnx", "tensorrt": "trt"}
@@ -73,6 +77,9 @@ BACKENDS = {"onnxruntime": "onnx", "openvino": "onnx", "tensorrt": "trt"}
 # or in equal epochs.
 PROXY_SCHEDULES = ("time", "epochs")
 PARITY_IMAGES = 64  # the parity figures of an untrained package are recorded, not gated: a few images do
+# Real training steps timed per candidate (after 3 of warm-up) for its proxy's step budget: a few seconds each,
+# within a few percent of what its epochs then take.
+PROXY_TIMED_STEPS = 20
 # What a plan writes in its folder, all of it its own (claim_out refuses or replaces exactly these).
 PLAN_OUTPUTS = ("plan.json", "plan.png", "plan.log", "untrained", "packages", "bench", "proxy", "train", "random-teacher-maps")
 NOTES = (
@@ -135,6 +142,7 @@ class Measured:
     teacher_cost: Tuple[Optional[int], Optional[int]] = (None, None)  # parameters, FLOPs
     teacher_figures: Optional[Dict[str, Any]] = None  # its p50 and speedups (1.0), once the engines are timed
     stages: List[str] = field(default_factory=list)  # done, in order: built, training step, engine, served, proxy, trained
+    proxy: Dict[str, Any] = field(default_factory=dict)  # the proxies' schedule and, at equal time, their budget
     trained: Optional[Dict[str, Any]] = None  # --train's run
 
 
@@ -182,7 +190,7 @@ def plan(options: PlanOptions, log: Callable[[str], None] = print) -> Dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     export_log = _file_log(out / "plan.log")
     _, info = build_dataset(base.data.name, "val", base.data.path, base.data.channels)
-    measured = Measured()
+    measured = Measured(proxy={"schedule": options.proxy_schedule} if options.proxy_epochs else {})
 
     def write() -> Dict[str, Any]:
         result = _result(options, base, info, measured, notes, out)
@@ -228,7 +236,7 @@ def plan(options: PlanOptions, log: Callable[[str], None] = print) -> Dict[str, 
         measured.stages.append("served")
     result = write()
     if options.proxy_epochs:
-        _proxy(options, base, measured.planned, out, write)
+        _proxy(options, base, info, measured, cache, device, out, write)
         measured.stages.append("proxy")
         result = write()
     if options.train:
@@ -446,41 +454,96 @@ def budget_ms(teacher_ms: float, options: PlanOptions) -> Optional[float]:
     return min(bounds) if bounds else None
 
 
-def _proxy(options: PlanOptions, base: Config, planned: List[Planned], out: Path, write: Callable[[], Any]) -> None:
-    """Train each candidate within budget briefly from the cached teacher (``proxy_schedule``: in the time
-    ``proxy_epochs`` of the config's student take by the step rates measured, or ``proxy_epochs`` each);
-    record its best fused top-1 and what an epoch of it really costs here (data loading and validation included), and from that
-    the epochs each gets in the training time of the config's own student (when that one was trained too);
-    ``plan.json`` after each."""
+def _proxy(options: PlanOptions, base: Config, info: DatasetInfo, measured: Measured, cache: Optional[TeacherCache],
+           device: torch.device, out: Path, write: Callable[[], Any]) -> None:
+    """Train each candidate within budget briefly from the cached teacher and record its best fused top-1,
+    what its epochs really cost here (each timed from its own start) and from that the epochs each gets in
+    the training time of the config's own student (when that one was trained too); ``plan.json`` after each.
+
+    ``proxy_schedule`` "time": every proxy in the wall time ``proxy_epochs`` epochs of the reference take
+    (the config's student, else the slowest within budget), as a budget of optimiser steps
+    (``train.max_steps``) from each one's :class:`~cskd.measure.training.EpochCost` measured on real
+    batches and a validation pass, its warm-up the same share of its steps as the reference's and its
+    cosine laid out over them. "epochs": ``proxy_epochs`` each, the config's schedule."""
+    planned = measured.planned
     own = _own_student(planned, base)
     within = [p for p in planned if p.measured.get("within_budget")]
     if not within:
         return
-    # equal time: the step rates measured above scale the epochs, the config's student (else the slowest within budget) at proxy_epochs
-    pace = own or min(within, key=lambda p: p.train_images_per_s)
+    costs: Dict[str, EpochCost] = {}
+    if options.proxy_schedule == "time":
+        costs = _epoch_costs(base, info, [p for p in planned if p.measured.get("within_budget") or p is own], cache, device)
+        reference = own or max(within, key=lambda p: costs[p.label].epoch_s)
+        budget_s = options.proxy_epochs * costs[reference.label].epoch_s
+        measured.proxy.update(reference=reference.label, budget_s=round(budget_s, 1), timed_steps=PROXY_TIMED_STEPS)
     for p in within:
-        epochs = (options.proxy_epochs if options.proxy_schedule == "epochs" else
-                  equal_time_epochs(options.proxy_epochs, 1 / pace.train_images_per_s, 1 / p.train_images_per_s))
-        cfg, _ = candidate_config(options, p.candidate, base, [f"train.epochs={epochs}", f"output={out / 'proxy' / p.label}"])
-        print(f"cskd plan: proxy training {p.label} for {epochs} epochs -> {cfg.output}", flush=True)
+        extra = [f"train.epochs={options.proxy_epochs}"]
+        if options.proxy_schedule == "time":
+            cost = costs[p.label]
+            extra = proxy_overrides(cost, cost.steps_in(budget_s), options.proxy_epochs, base.train.warmup_epochs)
+            p.measured.update(step_s=round(cost.step_s, 4), val_s=round(cost.val_s, 2))
+        cfg, _ = candidate_config(options, p.candidate, base, [*extra, f"output={out / 'proxy' / p.label}"])
+        print(f"cskd plan: proxy training {p.label}: {' '.join(extra)} -> {cfg.output}", flush=True)
         result = train(cfg, show_progress=options.show_progress)
-        p.measured.update(proxy_top1=result.best_top1, proxy_epochs=epochs, proxy_wall_s=round(result.wall_s, 1),
-                          epoch_s=epoch_seconds(RunDir(result.run_dir).metrics()))
+        rows = RunDir(result.run_dir).metrics()
+        per_epoch = costs[p.label].steps_per_epoch if p.label in costs else None
+        steps = sum(int(r.get("steps", 0)) for r in rows) or None
+        p.measured.update(proxy_top1=result.best_top1, proxy_steps=steps,
+                          proxy_epochs=round(steps / per_epoch, 2) if steps and per_epoch else len(rows),
+                          proxy_train_s=train_seconds(rows), proxy_wall_s=round(result.wall_s, 1),
+                          epoch_s=epoch_seconds(rows, per_epoch))
         write()
-    reference = own.measured.get("epoch_s") if own is not None else None
+    reference_s = own.measured.get("epoch_s") if own is not None else None
     for p in planned:
-        if reference and p.measured.get("epoch_s"):
-            p.measured["equal_time_epochs"] = equal_time_epochs(base.train.epochs, reference, p.measured["epoch_s"])
+        if reference_s and p.measured.get("epoch_s"):
+            p.measured["equal_time_epochs"] = equal_time_epochs(base.train.epochs, reference_s, p.measured["epoch_s"])
 
 
-def epoch_seconds(rows: Sequence[Dict[str, Any]]) -> Optional[float]:
-    """Seconds per epoch of a run from its metrics rows' clock (``time_s``, since the run started): the
-    mean between the first and last epoch, which leaves out the start (building, the teacher's pass);
-    a one-epoch run has only its first epoch, start included. None without rows."""
-    times = [float(row["time_s"]) for row in rows if "time_s" in row]
-    if not times:
+def _epoch_costs(base: Config, info: DatasetInfo, planned: Sequence[Planned], cache: Optional[TeacherCache],
+                 device: torch.device) -> Dict[str, EpochCost]:
+    """Each candidate's :class:`EpochCost` on the config's own data loaders (one set for all: the
+    candidates differ only in the student), a fresh network each, by label."""
+    if base.train.threads:
+        torch.set_num_threads(base.train.threads)  # as the proxy runs will
+    loaders = build_loaders(base, DistEnv(0, 1, 0, device), base.student.img_size)
+    costs = {}
+    for p in planned:
+        ctx = step_context(p.config, get_task("student").spec(p.config, info), cache, device)
+        costs[p.label] = epoch_cost(ctx, loaders, PROXY_TIMED_STEPS)
+    return costs
+
+
+def proxy_overrides(cost: EpochCost, steps: int, proxy_epochs: int, warmup_epochs: float) -> List[str]:
+    """The ``cskd train`` overrides of a proxy of ``steps`` optimiser steps: the epochs they start, the step
+    budget, and a warm-up the same share of them as the reference's own proxy has (``warmup_epochs`` of
+    ``proxy_epochs``, at most all), so every proxy's schedule has one shape, stretched over its own steps."""
+    share = min(1.0, warmup_epochs / proxy_epochs)
+    return [f"train.epochs={math.ceil(steps / cost.steps_per_epoch)}", f"train.max_steps={steps}",
+            f"train.warmup_epochs={round(share * steps / cost.steps_per_epoch, 6):g}"]
+
+
+def train_seconds(rows: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """A run's training time from its metrics rows: its epochs' own times (``time_s - epoch_start_s``),
+    summed, the run's start left out. None for rows from before epochs recorded their start."""
+    if not rows or not all("epoch_start_s" in r and "time_s" in r for r in rows):
         return None
-    return round((times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[0], 2)
+    return round(sum(float(r["time_s"]) - float(r["epoch_start_s"]) for r in rows), 2)
+
+
+def epoch_seconds(rows: Sequence[Dict[str, Any]], steps_per_epoch: Optional[int] = None) -> Optional[float]:
+    """Seconds per whole epoch of a run from its metrics rows, each epoch timed from its own start (the run's
+    start left out, a one-epoch run's too): its optimiser steps' share of that time per step, times
+    ``steps_per_epoch`` (default: its longest epoch's steps, as a last epoch may be cut short), plus a
+    validation pass. Rows from before epochs recorded their start: the mean between the first and the last
+    epoch's clock; for one such row None, as its one reading includes the start."""
+    if rows and all({"epoch_start_s", "time_s", "steps", "val_s"} <= set(r) for r in rows):
+        steps = sum(int(r["steps"]) for r in rows)
+        validation = sum(float(r["val_s"]) for r in rows)
+        training = sum(float(r["time_s"]) - float(r["epoch_start_s"]) for r in rows) - validation
+        per_epoch = steps_per_epoch or max(int(r["steps"]) for r in rows)
+        return round(per_epoch * training / steps + validation / len(rows), 2)
+    times = [float(row["time_s"]) for row in rows if "time_s" in row]
+    return round((times[-1] - times[0]) / (len(times) - 1), 2) if len(times) > 1 else None
 
 
 def equal_time_epochs(epochs: int, reference_epoch_s: float, epoch_s: float) -> int:
@@ -559,6 +622,7 @@ def _result(options: PlanOptions, base: Config, info: DatasetInfo, measured: Mea
         "config_student": own.label if own is not None else None,
         "config": {"config": options.config, "overrides": list(options.overrides), "train_batch_size": base.train.batch_size,
                    "epochs": base.train.epochs},
+        **({"proxy": dict(measured.proxy)} if measured.proxy else {}),
         **({"trained": measured.trained} if measured.trained is not None else {}),
         "notes": [*NOTES, *_config_notes(options, base), *notes],
         "out": str(out), "bench": str(out / "bench" / "bench.json"),
@@ -591,7 +655,7 @@ def format_plan(result: Dict[str, Any]) -> str:
     head = (f"{'candidate':<26} {'params':>7} {'GFLOPs':>7} " + " ".join(f"{f'b{b} ms':>8}" for b in batches)
             + (f" {'served ms':>9}" if served else "") + f" {'speedup':>8} {'budget':>6} {'train img/s':>11}")
     proxy = any(c.get("proxy_top1") is not None for c in result["candidates"])
-    lines = [head + (f" {'proxy top-1':>16} {'s/epoch':>7} {'equal-time epochs':>17}" if proxy else "")]
+    lines = [head + (f" {'proxy top-1':>17} {'proxy s':>7} {'s/epoch':>7} {'equal-time epochs':>17}" if proxy else "")]
     teacher = result["teacher"]
     lines.append(_row(teacher["label"], teacher["params"], teacher["flops"], teacher, batches, served, 1.0, "", None, proxy))
     for c in result["candidates"]:
@@ -608,10 +672,11 @@ def _row(name: str, params: Optional[int], flops: Optional[int], figures: Dict[s
             + " ".join(f"{figures['p50_ms'][str(b)]:>8.3f}" for b in batches)
             + (f" {figures['served_p50_ms']:>9.2f}" if served else "")
             + f" {speedup:>7.2f}x {budget:>6} {(f'{rate:.0f}' if rate is not None else '-'):>11}")
-    if proxy:  # what the proxy runs measured: accuracy, real seconds per epoch, epochs at the config student's time
+    if proxy:  # what the proxy runs measured: accuracy, their training time, real seconds per epoch, epochs at the config student's time
         top1, epoch_s, epochs = figures.get("proxy_top1"), figures.get("epoch_s"), figures.get("equal_time_epochs")
-        cell = f"{top1:.2f}% ({figures['proxy_epochs']} ep)" if top1 is not None else "-"
-        text += (f" {cell:>16} {(f'{epoch_s:.1f}' if epoch_s else '-'):>7}"
+        cell = f"{top1:.2f}% ({figures['proxy_epochs']:g} ep)" if top1 is not None else "-"
+        seconds = figures.get("proxy_train_s")
+        text += (f" {cell:>17} {(f'{seconds:.0f}' if seconds else '-'):>7} {(f'{epoch_s:.1f}' if epoch_s else '-'):>7}"
                  f" {(str(epochs) if epochs else '-'):>17}")
     return text
 
@@ -634,6 +699,12 @@ def format_summary(result: Dict[str, Any]) -> List[str]:
              + (f"; the config's own student: {result['config_student']}" if result["config_student"] else "")]
     for c in within:
         lines.append(f"  {c['label']}: {c['command']}")
+    proxy = result.get("proxy", {})
+    if proxy.get("budget_s"):  # equal time: how equal the proxies' times came out
+        took = [c["proxy_train_s"] / proxy["budget_s"] for c in within if c.get("proxy_train_s")]
+        lines.append(f"proxies: each in the time of {result['options']['proxy_epochs']} epochs of {proxy['reference']} "
+                     f"({proxy['budget_s']:.0f} s, as a budget of optimiser steps)"
+                     + (f"; their epochs took {min(took):.2f}-{max(took):.2f}x that" if took else ""))
     timed = [c for c in within if c.get("equal_time_command")]
     if timed:
         epochs = result["config"].get("epochs")
