@@ -24,7 +24,7 @@ from cskd.serve.shadow.teachers import TeacherEngine
 
 logger = logging.getLogger("cskd.serve.shadow")
 
-TEACHER_BATCH = 8  # samples the teacher classifies in one call when several wait
+TEACHER_BATCH = 16  # samples the teacher classifies in one call at most
 OUTCOMES = ("agree", "disagree", "dropped", "failed")
 CAPTURE_RESULTS = ("written", "full", "failed")
 FAILURE_LOG_S = 60.0

@@ -47,6 +47,9 @@ SPEC_VARIABLE = "CSKD_SHADOW_SPEC"  # what the process is to watch, as JSON (set
 LOWEST_NICE = 19  # where SCHED_IDLE is refused
 PUSH_S = 0.1  # the report goes to the workers this often when it changed (and every second regardless)
 READY_TIMEOUT_S = 120.0
+# The teacher waits this long for a full batch: one pass over its weights for many samples, not one each,
+# so that it evicts the student's weights and activations from the caches less often.
+BATCH_LINGER_S = 0.5
 
 
 def lower_process_priority() -> str:
@@ -93,11 +96,15 @@ class SampleQueue:
             self._ready.notify()
             return True
 
-    def take(self, most: int) -> List[Sample]:
-        """Up to ``most`` samples, waiting for the first; empty once closed and drained."""
+    def take(self, most: int, linger_s: float = 0.0) -> List[Sample]:
+        """Up to ``most`` samples, waiting for the first and then up to ``linger_s`` for ``most``; empty once
+        closed and drained."""
         with self._ready:
             while not self._items and not self.closed:
                 self._ready.wait()
+            deadline = time.monotonic() + linger_s
+            while len(self._items) < most and not self.closed and time.monotonic() < deadline:
+                self._ready.wait(deadline - time.monotonic())
             batch = [self._items.popleft() for _ in range(min(most, len(self._items)))]
             self.bytes -= sum(s.size for s in batch)
             self.judging = len(batch)
@@ -144,7 +151,7 @@ class ShadowServer:
         threading.Thread(target=self._accept, name="shadow-accept", daemon=True).start()
         threading.Thread(target=self._push, name="shadow-report", daemon=True).start()
         while True:
-            batch = self.queue.take(TEACHER_BATCH)
+            batch = self.queue.take(TEACHER_BATCH, BATCH_LINGER_S)
             if not batch:
                 break
             self.judge.judge(batch)
