@@ -20,6 +20,9 @@ examples:
   cskd serve int8=runs/demo/export-onnx-int8 fp32=runs/demo/export-onnx-fp32 # NAME=PATH: one run's two exports
   cskd serve runs/demo/export-onnx-int8 --shadow runs/demo/export-teacher-onnx-fp32 --shadow-rate 0.05 \\
       --shadow-alert 0.85 --shadow-capture runs/captured    # watched by its teacher: GET /v1/shadow
+  cskd serve models/triton --shadow teacher-regnety_016 --shadow-watch int8 --workers 2   # one shadow for both workers
+  CSKD_SERVE_SHADOW_API_KEY=... cskd serve runs/demo/export-onnx-int8 --shadow runs/demo/export-teacher-onnx-fp32 \
+      --shadow-url grpcs://gpu-box:8001                     # the teacher on another machine, its own key, over TLS
   cskd serve models/demo --host 0.0.0.0 --port 8080 --grpc-port 8081 --workers 2 --api-key "$KEY"
   cskd serve models/demo --max-batch 32 --max-wait-ms 2 --max-queue 256   # hold batches open 2 ms to fill
   cskd serve models/demo --grpc-port 0 --access-log                 # HTTP only, one log line per request
