@@ -481,7 +481,7 @@ def _proxy(options: PlanOptions, base: Config, info: DatasetInfo, measured: Meas
         if options.proxy_schedule == "time":
             cost = costs[p.label]
             extra = proxy_overrides(cost, cost.steps_in(budget_s), options.proxy_epochs, base.train.warmup_epochs)
-            p.measured.update(step_s=round(cost.step_s, 4), val_s=round(cost.val_s, 2))
+            p.measured.update(step_s=round(cost.step_s, 4), val_s=round(cost.val_s, 4))  # a small split validates in ms
         cfg, _ = candidate_config(options, p.candidate, base, [*extra, f"output={out / 'proxy' / p.label}"])
         print(f"cskd plan: proxy training {p.label}: {' '.join(extra)} -> {cfg.output}", flush=True)
         result = train(cfg, show_progress=options.show_progress)
