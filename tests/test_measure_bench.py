@@ -36,6 +36,7 @@ def slow_down(monkeypatch, role: str, seconds: float) -> None:
 
 
 def quick(tmp_path, **kwargs) -> BenchOptions:
+    kwargs.setdefault("shifts", None)  # the shift suite has its own tests (test_measure_robustness.py)
     return BenchOptions(batch_sizes=(1, 4), rounds=2, iters=4, warmup=1, eval_images=200, out=tmp_path, **kwargs)
 
 
@@ -85,10 +86,12 @@ def test_cli_bench_exits_non_zero_on_a_failed_gate(packages, tmp_path):
 
     student, teacher = packages
     proc = subprocess.run([sys.executable, "-m", "cskd", "bench", str(student), "--teacher", str(teacher), "--quick",
-                           "--batch-sizes", "1", "--expect-speedup", "1000", "--out", str(tmp_path)],
+                           "--batch-sizes", "1", "--expect-speedup", "1000", "--out", str(tmp_path),
+                           "--shift-families", "noise", "--shift-severities", "5"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "gate failed" in proc.stderr
-    assert "speedup" in proc.stdout
+    assert "speedup" in proc.stdout and "gaussian_noise" in proc.stdout and "mCE vs teacher" in proc.stdout
+    assert (student / "robustness.json").is_file() and (tmp_path / "shifts.png").stat().st_size > 5000
 
 
 def test_agreement_with_the_teacher_is_the_share_of_images_both_classify_alike(packages, tmp_path):

@@ -16,6 +16,10 @@ from cskd.runtime.package import MODEL_JSON
 EXAMPLES = """\
 examples:
   cskd bench runs/demo/export-onnx-int8 --teacher runs/demo/export-teacher-onnx-fp32
+      # clean top-1, agreement, speed, and the shift suite (15 corruptions + 3 geometric shifts x 5 severities)
+  cskd bench S-int8 --teacher T --min-robustness-ratio 0.8   # fail if S keeps < 0.8x of T's accuracy on a shift
+  cskd bench S-int8 --teacher T --shift-families noise blur --shift-severities 1 3 5 --shift-images 200
+  cskd bench S-int8 --teacher T --no-shifts                  # clean images only
   cskd bench S-fp32 S-fp16 S-int8 --teacher T --batch-sizes 1 8 32 --out bench/
   cskd bench runs/demo --teacher runs/teacher --quick --expect-speedup 3 --max-accuracy-drop 5   # a CI gate
   cskd bench S-fp32 S-int8 --teacher T --served                    # also as deployed: cskd serve + hey, c1 and c16
@@ -52,6 +56,13 @@ def add_parser(sub) -> None:
     p.add_argument("--served-seconds", type=float, default=10.0, help="--served: seconds of load per package and concurrency")
     p.add_argument("--served-rounds", type=int, default=1, help="--served: interleaved rounds (median reported)")
     p.add_argument("--serve-args", default="", help="--served: further cskd serve flags for every package, e.g. '--max-wait-ms 2'")
+    p.add_argument("--no-shifts", action="store_true", help="skip the shift suite (on wherever top-1 is measured)")
+    p.add_argument("--shift-images", type=int, default=500, help="validation images the shift suite shifts (default 500)")
+    p.add_argument("--shift-severities", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="severities (default 1-5)")
+    p.add_argument("--shift-families", nargs="+", metavar="FAMILY",
+                   help="noise blur weather digital geometric (default: all)")
+    p.add_argument("--min-robustness-ratio", type=float, metavar="R",
+                   help="fail when a student keeps less than R x what its teacher keeps of its accuracy on any shift")
     p.add_argument("--data", help="data set for top-1 (default: the run's)")
     p.add_argument("--data-path")
     p.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json and the plots")
@@ -76,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.students[0] == "http":
         return run_http(args)
     from cskd.measure.bench import BenchOptions, format_table, run_bench  # the training stack: only for this command
+    from cskd.measure.robustness import ShiftOptions, format_suite, validate_shift_options
     from cskd.measure.served import ServedOptions, check_served_tools, format_served
 
     if args.teacher is None:
@@ -86,6 +98,16 @@ def run(args: argparse.Namespace) -> int:
                            eval_images=args.eval_images, threads=args.threads, providers=args.providers, data=args.data,
                            data_path=args.data_path, expect_speedup=args.expect_speedup,
                            max_accuracy_drop=args.max_accuracy_drop, out=args.out)
+    if args.no_shifts:
+        if args.min_robustness_ratio is not None:
+            raise CSKDError("--min-robustness-ratio gates the shift suite, which --no-shifts turns off: drop one of them")
+        options.shifts = None
+    else:
+        if args.shift_images < 1:
+            raise CSKDError(f"--shift-images takes a positive count, got {args.shift_images}")
+        options.shifts = ShiftOptions(images=args.shift_images, severities=args.shift_severities, families=args.shift_families,
+                                      min_ratio=args.min_robustness_ratio)
+        validate_shift_options(options.shifts)
     if args.served:
         if any(c < 1 for c in args.served_concurrency):
             raise CSKDError(f"--served-concurrency takes positive numbers, got {args.served_concurrency}")
@@ -94,9 +116,15 @@ def run(args: argparse.Namespace) -> int:
         check_served_tools()  # before the run directories are exported and anything is timed
     if args.quick:
         options.rounds, options.iters, options.warmup, options.eval_images = 2, 5, 2, 500
+        if options.shifts is not None:
+            options.shifts.images = min(options.shifts.images, 200)
     students = [as_package(Path(s), print) for s in args.students]
     result = run_bench(students, as_package(args.teacher, print), options)
     print(format_table(result))
+    if result.get("shifts"):
+        print(format_suite(result["shifts"]))
+        for warning in result["shifts"]["warnings"]:
+            print(f"cskd bench: warning: {warning}", file=sys.stderr)
     if "served" in result:
         print(format_served(result["served"]))
     print(f"wrote {args.out / 'bench.json'}, {', '.join(result['plots'])}")

@@ -3,7 +3,9 @@
 Every model is timed on the same real images after a warm-up, with models interleaved round by
 round so that drift of a noisy machine hits all of them alike. Reports p50/p90/p99 latency and
 throughput per batch size, top-1 on the validation split, the speedup over the teacher, and
-optionally fails (non-zero exit) when a student is too slow or too inaccurate.
+optionally fails (non-zero exit) when a student is too slow or too inaccurate. Wherever top-1 is
+measured, the shift suite (:mod:`cskd.measure.robustness`) runs too, and each student package gets
+the figures it was certified for (``robustness.json`` beside its ``model.json``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import numpy as np
 from cskd.errors import CSKDError
 from cskd.evaluate import ModelInput, real_images
 from cskd.files import atomic_write_json
-from cskd.measure.plots import plot_bench, plot_served
+from cskd.measure.plots import plot_bench, plot_served, plot_shifts
+from cskd.measure.robustness import ROBUSTNESS_JSON, ShiftOptions, SuiteModel, cell_count, gate_failures, package_record, run_shift_suite
 from cskd.measure.served import ServedModel, ServedOptions, check_served_tools, measure_served, served_rows
 from cskd.progress import progress
 from cskd.runtime.backends import Backend, BackendOptions, create_backend, run_batched
-from cskd.runtime.package import ModelPackage
+from cskd.runtime.package import ModelPackage, engine_sha256
 from cskd.runtime.preprocess import to_engine_input
 
 
@@ -43,6 +46,7 @@ class BenchOptions:
     max_accuracy_drop: Optional[float] = None
     out: Path = Path("bench")
     served: Optional[ServedOptions] = None  # also serve every package and load it (cskd bench --served)
+    shifts: Optional[ShiftOptions] = field(default_factory=ShiftOptions)  # None: clean images only (--no-shifts)
 
 
 @dataclass
@@ -127,6 +131,8 @@ def check_gates(result: Dict, options: BenchOptions) -> List[str]:
             figure = "p50 latency" if row["concurrency"] == 1 else "throughput"
             failures.append(f"{row['model']} served at concurrency {row['concurrency']} is {row['served_speedup']:.2f}x the "
                             f"served teacher's {figure}, expected at least {options.expect_speedup}x")
+    if result.get("shifts"):
+        failures += gate_failures(result["shifts"], options.shifts.min_ratio if options.shifts else None)
     return sorted(set(failures))
 
 
@@ -185,6 +191,9 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
     teacher_predicted = entries[0].predicted
     for entry in entries:  # top-1 agreement with the teacher: what a shadow teacher measures once it is deployed
         entry.agreement = 100.0 * float((entry.predicted == teacher_predicted).mean())
+    suite = None
+    if options.shifts is not None and labels is not None:
+        suite = shift_suite(entries, images, labels, options.shifts)
     total = options.rounds * len(options.batch_sizes) * len(entries)
     with progress(total, "bench", "run") as bar:
         measure(entries, feeds, options, bar)
@@ -195,6 +204,9 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
         "options": {k: (str(v) if isinstance(v, Path) else asdict(v) if is_dataclass(v) else v) for k, v in options.__dict__.items()},
         "eval_images": int(len(labels)) if labels is not None else 0,
     })
+    if suite is not None:
+        result["shifts"] = suite
+        certify(entries, suite, int(len(labels)), log)
     _save(result, options)
     if on_engine is not None:
         on_engine(result)
@@ -206,9 +218,34 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
         result["served"] = served_rows(served, result["rows"])
         _save(result, options)
     result["plots"] = [str(p) for p in plot_bench(result, options.out)]
+    if suite is not None:
+        result["plots"].append(str(plot_shifts(suite, options.out / "shifts.png")))
     if "served" in result:
         result["plots"].append(str(plot_served(result["served"], options.out / "served.png")))
     return result
+
+
+def shift_suite(entries: List[Entry], images: np.ndarray, labels: np.ndarray, options: ShiftOptions) -> Dict:
+    """Every model on the shifted images (the first ``options.images`` of the validation sample)."""
+    models = [SuiteModel(e.label, e.role, lambda rows, e=e: predict(e, rows), list(e.package.source.get("trained_shifts", [])))
+              for e in entries]
+    with progress(cell_count(options), "shifts", "shift") as bar:
+        return run_shift_suite(models, images, labels, options, bar)
+
+
+def certify(entries: List[Entry], suite: Dict, eval_images: int, log: Callable[[str], None]) -> None:
+    """``robustness.json`` in each student package: what it was certified for against which teacher."""
+    teacher = next(e for e in entries if e.role == "teacher")
+    identity = {"name": teacher.package.name, "folder": str(teacher.folder), "precision": teacher.package.precision,
+                "engine_sha256": engine_sha256(teacher.folder, teacher.package)}
+    for entry in entries:
+        if entry.role == "teacher":
+            continue
+        record = package_record(suite, entry.label, entry.agreement, identity, eval_images)
+        try:
+            atomic_write_json(entry.folder / ROBUSTNESS_JSON, record)
+        except OSError as exc:  # a read-only package still gets its figures in bench.json
+            log(f"cskd bench: could not record the shift figures in {entry.folder / ROBUSTNESS_JSON} ({exc}); they are in bench.json")
 
 
 def _save(result: Dict, options: BenchOptions) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
+import numpy as np
+
 from cskd.plots import pyplot, save_figure
 
 
@@ -102,3 +104,30 @@ def _plain_log_ticks(axis) -> None:
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     axis.set_major_formatter(plain)
     axis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))
+
+
+def plot_shifts(suite: Dict[str, Any], path: Path) -> Path:
+    """``shifts.png``: per student, student minus teacher top-1 (points) for each shift x severity
+    (a ``cskd bench`` shift suite); red where the student falls behind its teacher."""
+    plt = pyplot()
+    teacher = suite["teacher"]
+    students = [label for label in suite["clean"] if label != teacher]
+    shifts = list(dict.fromkeys(c["shift"] for c in suite["cells"]))
+    severities = suite["severities"]
+    fig, axes = plt.subplots(1, len(students), figsize=(1.1 * len(severities) + 2.6, 0.32 * len(shifts) + 1.6) if len(students) == 1
+                             else (len(students) * (1.1 * len(severities) + 2.6), 0.32 * len(shifts) + 1.6), squeeze=False)
+    for ax, label in zip(axes[0], students):
+        gap = np.full((len(shifts), len(severities)), np.nan)
+        for c in suite["cells"]:
+            gap[shifts.index(c["shift"]), severities.index(c["severity"])] = c["top1"][label] - c["top1"][teacher]
+        limit = max(1.0, float(np.nanmax(np.abs(gap))))
+        image = ax.imshow(gap, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        for (i, j), value in np.ndenumerate(gap):
+            ax.text(j, i, f"{value:+.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(severities)), [str(s) for s in severities])
+        ax.set_yticks(range(len(shifts)), shifts, fontsize=8)
+        ax.set(xlabel="severity", title=f"{label.split(' (')[0]}\nminus teacher, top-1 points")
+        fig.colorbar(image, ax=ax, shrink=0.6)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -15,7 +14,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from cskd.errors import CSKDError
-from cskd.runtime.package import ModelPackage, NamedPackage, resolve_packages
+from cskd.runtime.package import ModelPackage, NamedPackage, engine_sha256, resolve_packages
 from cskd.runtime.postprocess import softmax
 from cskd.runtime.preprocess import ImageDecodeError, conversion_problem, convert_engine_input, decode_image, to_engine_input
 from cskd.serve.settings import ServeSettings
@@ -38,14 +37,6 @@ class ShadowPair:
     watched: NamedPackage
     teacher: NamedPackage
     class_map: List[int]
-
-
-def engine_digest(entry: NamedPackage) -> str:
-    digest = hashlib.sha256()
-    with open(entry.folder / entry.package.engine, "rb") as engine:
-        for block in iter(lambda: engine.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def class_map(student: NamedPackage, teacher: NamedPackage) -> List[int]:
@@ -81,7 +72,8 @@ def resolve_shadow(settings: ServeSettings, served: Sequence[NamedPackage]) -> S
             raise CSKDError(f"--shadow {reference} holds {len(found)} packages ({', '.join(e.name for e in found)}); "
                             "name the teacher's own package folder")
         teacher = found[0]
-    if teacher is watched or engine_digest(teacher) == engine_digest(watched):  # by its name, or its engine elsewhere
+    same_engine = engine_sha256(teacher.folder, teacher.package) == engine_sha256(watched.folder, watched.package)
+    if teacher is watched or same_engine:  # by its name, or its engine elsewhere
         raise CSKDError(f"--shadow {reference} is {watched.name!r}, the model it would watch: it would agree with itself "
                         f"on every image and never alert; name the teacher's package, or watch another model with "
                         f"--shadow-watch NAME")
