@@ -3,6 +3,7 @@ suite as cskd bench runs it on real packages (robustness.json, the gate)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -62,7 +63,7 @@ def test_options_the_suite_cannot_run_are_refused(options, match):
 def test_bench_records_the_suite_with_each_student_package_and_gates_on_it(trained_run, tmp_path):
     from cskd.export.exporter import ExportOptions, export_model
     from cskd.measure.bench import BenchOptions, run_bench
-    from cskd.runtime.package import engine_sha256, read_package
+    from cskd.runtime.package import read_package
 
     student, _ = export_model(trained_run, ExportOptions(out=tmp_path / "student", parity_images=100), log=lambda _: None)
     teacher, _ = export_model(trained_run, ExportOptions(out=tmp_path / "teacher", teacher=True, parity_images=100), log=lambda _: None)
@@ -71,7 +72,7 @@ def test_bench_records_the_suite_with_each_student_package_and_gates_on_it(train
     result = run_bench([student], teacher, options, log=lambda _: None)
     record = json.loads((student / "robustness.json").read_text())
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
-    assert record["teacher"]["engine_sha256"] == engine_sha256(teacher, read_package(teacher))
+    assert record["teacher"]["engine_sha256"] == hashlib.sha256((teacher / read_package(teacher).engine).read_bytes()).hexdigest()
     assert set(record["shifts"]) == {"gaussian_noise", "shot_noise", "impulse_noise"} and record["images"] == 60
     row = next(r for r in saved["rows"] if r["role"] == "student")
     assert record["clean"]["agreement_with_teacher"] == pytest.approx(row["agreement_with_teacher"])

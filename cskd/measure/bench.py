@@ -20,13 +20,13 @@ import numpy as np
 
 from cskd.errors import CSKDError
 from cskd.evaluate import ModelInput, real_images
-from cskd.files import atomic_write_json
+from cskd.files import atomic_write_json, file_sha256
 from cskd.measure.plots import plot_bench, plot_served, plot_shifts
 from cskd.measure.robustness import ROBUSTNESS_JSON, ShiftOptions, SuiteModel, cell_count, gate_failures, package_record, run_shift_suite
 from cskd.measure.served import ServedModel, ServedOptions, check_served_tools, measure_served, served_rows
 from cskd.progress import progress
 from cskd.runtime.backends import Backend, BackendOptions, create_backend, run_batched
-from cskd.runtime.package import ModelPackage, engine_sha256
+from cskd.runtime.package import ModelPackage
 from cskd.runtime.preprocess import to_engine_input
 
 
@@ -237,7 +237,7 @@ def certify(entries: List[Entry], suite: Dict, eval_images: int, log: Callable[[
     """``robustness.json`` in each student package: what it was certified for against which teacher."""
     teacher = next(e for e in entries if e.role == "teacher")
     identity = {"name": teacher.package.name, "folder": str(teacher.folder), "precision": teacher.package.precision,
-                "engine_sha256": engine_sha256(teacher.folder, teacher.package)}
+                "engine_sha256": file_sha256(teacher.folder / teacher.package.engine)}
     for entry in entries:
         if entry.role == "teacher":
             continue

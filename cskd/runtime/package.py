@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -102,15 +101,6 @@ def read_package(model_dir: str | Path) -> ModelPackage:
     if not (folder / package.engine).is_file():
         raise CSKDError(f"{folder} lacks its engine file {package.engine}; re-export the model")
     return package
-
-
-def engine_sha256(folder: str | Path, package: ModelPackage) -> str:
-    """The SHA-256 of a package's engine file: one model, whatever folder or name it has."""
-    digest = hashlib.sha256()
-    with open(Path(folder) / package.engine, "rb") as engine:
-        for block in iter(lambda: engine.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_package_json(folder: str | Path, package: ModelPackage) -> None:

@@ -14,7 +14,8 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from cskd.errors import CSKDError
-from cskd.runtime.package import ModelPackage, NamedPackage, engine_sha256, resolve_packages
+from cskd.files import file_sha256
+from cskd.runtime.package import ModelPackage, NamedPackage, resolve_packages
 from cskd.runtime.postprocess import softmax
 from cskd.runtime.preprocess import ImageDecodeError, conversion_problem, convert_engine_input, decode_image, to_engine_input
 from cskd.serve.settings import ServeSettings
@@ -72,8 +73,10 @@ def resolve_shadow(settings: ServeSettings, served: Sequence[NamedPackage]) -> S
             raise CSKDError(f"--shadow {reference} holds {len(found)} packages ({', '.join(e.name for e in found)}); "
                             "name the teacher's own package folder")
         teacher = found[0]
-    same_engine = engine_sha256(teacher.folder, teacher.package) == engine_sha256(watched.folder, watched.package)
-    if teacher is watched or same_engine:  # by its name, or its engine elsewhere
+    def engine(entry: NamedPackage) -> str:
+        return file_sha256(entry.folder / entry.package.engine)
+
+    if teacher is watched or engine(teacher) == engine(watched):  # by its name, or its engine elsewhere
         raise CSKDError(f"--shadow {reference} is {watched.name!r}, the model it would watch: it would agree with itself "
                         f"on every image and never alert; name the teacher's package, or watch another model with "
                         f"--shadow-watch NAME")
