@@ -53,7 +53,8 @@ def test_figures_are_the_formulas_on_known_answers():
 
 
 @pytest.mark.parametrize("options,match", [(ShiftOptions(severities=[0]), "severities"), (ShiftOptions(families=["rain"]), "families"),
-                                           (ShiftOptions(min_ratio=80), "share of the teacher")])
+                                           (ShiftOptions(min_ratio=80), "share of the teacher"),
+                                           (ShiftOptions(images=0), "positive count")])
 def test_options_the_suite_cannot_run_are_refused(options, match):
     models = [SuiteModel("T", "teacher", scripted([1.0] * 200))]
     with pytest.raises(CSKDError, match=match):

@@ -103,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
             raise CSKDError("--min-robustness-ratio gates the shift suite, which --no-shifts turns off: drop one of them")
         options.shifts = None
     else:
-        if args.shift_images < 1:
-            raise CSKDError(f"--shift-images takes a positive count, got {args.shift_images}")
         options.shifts = ShiftOptions(images=args.shift_images, severities=args.shift_severities, families=args.shift_families,
                                       min_ratio=args.min_robustness_ratio)
         validate_shift_options(options.shifts)

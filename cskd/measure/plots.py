@@ -114,8 +114,8 @@ def plot_shifts(suite: Dict[str, Any], path: Path) -> Path:
     students = [label for label in suite["clean"] if label != teacher]
     shifts = list(dict.fromkeys(c["shift"] for c in suite["cells"]))
     severities = suite["severities"]
-    fig, axes = plt.subplots(1, len(students), figsize=(1.1 * len(severities) + 2.6, 0.32 * len(shifts) + 1.6) if len(students) == 1
-                             else (len(students) * (1.1 * len(severities) + 2.6), 0.32 * len(shifts) + 1.6), squeeze=False)
+    panel = (1.1 * len(severities) + 2.6, 0.32 * len(shifts) + 1.6)
+    fig, axes = plt.subplots(1, len(students), figsize=(len(students) * panel[0], panel[1]), squeeze=False)
     for ax, label in zip(axes[0], students):
         gap = np.full((len(shifts), len(severities)), np.nan)
         for c in suite["cells"]:

@@ -76,6 +76,8 @@ def run_shift_suite(models: Sequence[SuiteModel], images: np.ndarray, labels: np
 
 def validate_shift_options(options: ShiftOptions) -> None:
     """Refuse options the suite cannot run, before anything is exported or timed."""
+    if options.images < 1:
+        raise CSKDError(f"--shift-images takes a positive count, got {options.images}")
     bad = [s for s in options.severities if s not in SEVERITIES]
     if bad or not options.severities:
         raise CSKDError(f"shift severities are among {list(SEVERITIES)}, got {list(options.severities)}")
