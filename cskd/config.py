@@ -16,6 +16,7 @@ import yaml
 from cskd.assets import DEMO_REFERENCE, DEMO_TEACHER_CACHE, asset_path
 from cskd.configs import packaged_config, packaged_names
 from cskd.data.datasets import DATASETS
+from cskd.data.invariance import get_recipe
 from cskd.data.transforms import RE_MODES
 from cskd.engine import AMP_MODES
 from cskd.errors import CSKDError, did_you_mean
@@ -36,6 +37,9 @@ class DataConfig:
     unlabeled: Optional[str] = None  # transfer set: a folder of images or an IDX images file, supervised by the teacher only
     unlabeled_ratio: float = 1.0  # transfer images per labelled image in each batch (a step costs 1 + ratio)
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec (DeiT's); null disables
+    # A recipe that distils invariance (cskd.data.invariance): tone and small affine noise on the student's
+    # input, the cached target the clean image's (moved with the geometry); null off
+    invariance: Optional[str] = None
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     hflip: float = 0.5
     color_jitter: float = 0.3  # brightness/contrast/saturation jitter when auto_augment is off (DeiT)
@@ -331,6 +335,11 @@ def validate(cfg: Config) -> None:
         raise CSKDError(f"train.max_steps={cfg.train.max_steps} is not a whole number of optimiser steps; write e.g. train.max_steps=500")
     if len(cfg.data.scale) != 2 or not 0 < cfg.data.scale[0] <= cfg.data.scale[1] <= 1:
         raise CSKDError(f"data.scale={cfg.data.scale} must be [low, high] with 0 < low <= high <= 1")
+    recipe = get_recipe(cfg.data.invariance)
+    if recipe is not None and cfg.data.auto_augment:
+        raise CSKDError(f"data.invariance={recipe.name} draws timm's RandAugment tone operations itself, and "
+                        f"data.auto_augment={cfg.data.auto_augment} would add rotations and shears its targets do not "
+                        "follow; set data.auto_augment=null")
     if cfg.data.name == "imagefolder" and not cfg.data.path:
         raise CSKDError("data.name=imagefolder needs data.path=ROOT (a folder with train/ and val/ class folders)")
     if cfg.student.img_size % cfg.student.patch_size:

@@ -5,17 +5,18 @@ teacher never runs: each image's stored map (the teacher on the whole image, squ
 so that map and crop box share the whole image's coordinates) follows the image's augmentation
 instead:
 
-* random-resized crop: RoIAlign of the crop box onto the teacher's grid (``torchvision.ops.roi_align``,
-  aligned, adaptive sampling: an identity box reproduces the map exactly, a 2:1 box averages cells);
-* horizontal flip: the map is mirrored;
+* random-resized crop, horizontal flip and an invariance recipe's rotation, scaling and translation
+  (:mod:`cskd.data.invariance`): one affine sampling map (:mod:`cskd.data.geometry`), sampled the
+  way ``torchvision.ops.roi_align`` samples a box (aligned, adaptive: an identity box reproduces the
+  map exactly, a 2:1 box averages cells, a box reproduces roi_align's output);
 * mixup: the maps are mixed with the same weight; CutMix: the box's cells are pasted, a partly
   covered cell blended by the share of it the box covers;
 * global logits: the mean of the aligned map (exact for pool + linear heads: G_T = mean_cells D_T).
 
-The approximation: augmentations that move pixels without a box (RandAugment's rotations, shears
-and translations, random erasing) are not followed; the target is the teacher's view of the
-un-rotated, un-erased crop. The demo turns them off; with them on, a cached run trades that
-mismatch for never running the teacher (see the README).
+The approximation: augmentations that move pixels without recording it (RandAugment's rotations,
+shears and translations, random erasing) are not followed; the target is the teacher's view of the
+un-rotated, un-erased crop; with them on, a cached run trades that mismatch for never running the
+teacher (see the README). Tone changes (an invariance recipe's) leave the target the clean image's.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.ops import roi_align
 
 from cskd.checkpoint import ModelSpec, read_spec, read_state_dict, resolve_checkpoint
 from cskd.config import Config
+from cskd.data import geometry
 from cskd.data.datasets import DatasetInfo, build_dataset, fingerprint
 from cskd.data.mixing import MixRecord
 from cskd.data.transfer import left_out_line, training_images
@@ -140,10 +141,16 @@ class OnlineTeacher:
 def crop_maps(maps: torch.Tensor, boxes: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """RoIAlign of normalised boxes ``[N, 4]`` (x0, y0, x1, y1 in [0, 1]) on maps ``[N, K, H, W]``
     that cover whole images, onto ``size`` cells; an identity box returns the map unchanged."""
-    height, width = maps.shape[-2:]
-    scale = torch.tensor([width, height, width, height], dtype=maps.dtype, device=maps.device)
-    rois = torch.cat([torch.arange(len(maps), dtype=maps.dtype, device=maps.device)[:, None], boxes.to(maps) * scale], dim=1)
-    return roi_align(maps, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return geometry.warp(maps, geometry.box_theta(boxes.to(maps.device)), size, average=True, padding="border")
+
+
+def follow_geometry(maps: torch.Tensor, batch: Dict[str, Any], size: Tuple[int, int]) -> torch.Tensor:
+    """Whole-image maps moved as the batch's images were: crop box, flip and (an invariance recipe's)
+    affine warp, composed into one sampling map and sampled once, RoIAlign's way."""
+    theta = geometry.box_theta(batch["box"].to(maps.device), batch["flip"])
+    if "affine" in batch:
+        theta = geometry.compose(theta, batch["affine"].to(theta))
+    return geometry.warp(maps, theta, size, average=True, padding="border")
 
 
 def mix_maps(maps: torch.Tensor, mix: Optional[MixRecord], rows: Optional[int] = None) -> torch.Tensor:
@@ -181,9 +188,7 @@ class CachedTeacher:
 
     def __call__(self, images: torch.Tensor, batch: Dict[str, Any]) -> TeacherOutputs:
         maps = self.cache.maps(batch["index"]).to(images.device)
-        dense = crop_maps(maps, batch["box"], tuple(self.cache.manifest.grid))
-        flips = batch["flip"].to(images.device).bool()
-        dense = torch.where(flips[:, None, None, None], dense.flip(-1), dense)
+        dense = follow_geometry(maps, batch, tuple(self.cache.manifest.grid))
         dense = mix_maps(dense, batch.get("mix"), batch.get("labelled"))
         return dense, dense.mean(dim=(2, 3))
 

@@ -82,7 +82,7 @@ def build_loaders(cfg: Config, env: DistEnv, img_size: int) -> Loaders:
     d = cfg.data
     val_split, info = build_dataset(d.name, "val", d.path, d.channels)
     train_tf = train_transform(img_size, info.channels, d.auto_augment, d.scale, d.hflip, d.reprob, d.interpolation,
-                               d.color_jitter, d.re_mode)
+                               d.color_jitter, d.re_mode, d.invariance)
     train_split = build_dataset(d.name, "train", d.path, d.channels, train_tf)[0]
     cached = training_images(train_split, d.unlabeled, info.channels, train_tf, val_split)
     train_set = limit(Indexed(train_split), d.max_train)  # indices stay those of the whole split

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from cskd import __version__
 from cskd.checkpoint import resolve_checkpoint
 from cskd.config import DataConfig
+from cskd.data.invariance import get_recipe
 from cskd.data.samples import sample_images
 from cskd.errors import CSKDError
 from cskd.evaluate import ModelInput, evaluation_dataset, real_images
@@ -220,8 +221,16 @@ def _package(trained: Trained, options: ExportOptions, built: BuiltEngine) -> Mo
                         data.eval_crop_pct if data else 1.0),
         outputs=output_names(options.probabilities), classes=list(spec.class_names), heads=list(trained.heads),
         engine_max_batch=built.engine_max_batch, backend=options.backend, build=built.build, files=built.files, toolkit=_toolkit(),
-        source={"checkpoint": str(trained.path.resolve()), "sha256": file_sha256(trained.path), "epoch": trained.info.get("epoch")},
+        source={"checkpoint": str(trained.path.resolve()), "sha256": file_sha256(trained.path), "epoch": trained.info.get("epoch"),
+                **_trained_shifts(spec.role, data)},
     )
+
+
+def _trained_shifts(role: str, data: Optional[DataConfig]) -> Dict[str, Any]:
+    """What the student's recipe trained on, for the shift suite to report the rest apart as unseen:
+    ``{"invariance": name, "trained_shifts": [families]}``, or nothing for a recipe without one."""
+    recipe = get_recipe(data.invariance) if data is not None and role == "student" else None
+    return {"invariance": recipe.name, "trained_shifts": list(recipe.trained_shifts)} if recipe else {}
 
 
 def _parity(stage: Path, package: ModelPackage, inputs: np.ndarray, reference: np.ndarray, labels: np.ndarray,

@@ -19,6 +19,7 @@ examples:
   cskd cache-teacher data.unlabeled=/usr/share/datasets/fashion-mnist --out runs/cache-transfer
   cskd train data.unlabeled=/usr/share/datasets/fashion-mnist teacher.cache=runs/cache-transfer train.epochs=12
                                                 # + unlabelled images the teacher alone supervises
+  cskd train data.invariance=tone-affine            # distil invariance: noised input, the cached clean target
   cskd train --config finetune-teacher data.path=ROOT teacher.init=regnety_160.safetensors output=runs/t
   cskd train --config finetune data.path=ROOT student.init=deit_tiny_distilled_patch16_224.safetensors \
       teacher.checkpoint=runs/t teacher.cache=runs/t-cache  # fine-tune both from pretrained weights (README)
@@ -28,7 +29,7 @@ examples:
 
 config keys (defaults: cskd/configs/demo.yaml; full list and meaning in the README):
   data.name data.path data.channels data.workers data.unlabeled data.unlabeled_ratio
-  data.auto_augment data.scale data.hflip
+  data.auto_augment data.invariance data.scale data.hflip
   data.reprob data.mixup data.cutmix data.mixup_prob data.mixup_switch_prob data.smoothing
   student.model student.init student.img_size student.patch_size student.drop_path student.kwargs
   teacher.model teacher.checkpoint teacher.cache teacher.init teacher.img_size teacher.kwargs

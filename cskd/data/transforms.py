@@ -19,8 +19,12 @@ from timm.data import create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from timm.data.transforms_factory import transforms_imagenet_train
 
+from cskd.data.invariance import AffineNoise, InvarianceRecipe, ToneNoise, get_recipe
+
 RE_MODES = ("const", "rand", "pixel")  # timm's random-erasing fills
-Geometry = Dict[str, torch.Tensor]  # {"box": [x0, y0, x1, y1] in [0, 1] of the source image, "flip": bool}
+# {"box": [x0, y0, x1, y1] in [0, 1] of the source image, "flip": bool; with an invariance recipe,
+# "affine": [2, 3], the sampling map of its warp after them (cskd.data.geometry)}
+Geometry = Dict[str, torch.Tensor]
 
 
 class RecordedCropFlip:
@@ -44,14 +48,24 @@ class RecordedCropFlip:
 
 
 class TrainTransform:
-    """crop and flip (recorded) -> timm's RandAugment or colour jitter -> tensor and random erasing."""
+    """crop and flip (recorded) -> timm's RandAugment or colour jitter -> an invariance recipe's tone
+    noise -> tensor and random erasing -> the recipe's affine noise (recorded)."""
 
-    def __init__(self, crop_flip: RecordedCropFlip, pixels: Callable, final: Callable) -> None:
+    def __init__(self, crop_flip: RecordedCropFlip, pixels: Callable, final: Callable,
+                 recipe: Optional[InvarianceRecipe] = None) -> None:
         self.crop_flip, self.pixels, self.final = crop_flip, pixels, final
+        self.tone = ToneNoise(recipe) if recipe else None
+        self.affine = AffineNoise(recipe) if recipe else None
 
     def __call__(self, image: Image.Image) -> Tuple[torch.Tensor, Geometry]:
         image, geometry = self.crop_flip(image)
-        return self.final(self.pixels(image)), geometry
+        image = self.pixels(image)
+        if self.tone is not None:
+            image = self.tone(image)
+        tensor = self.final(image)
+        if self.affine is not None:
+            tensor, geometry["affine"] = self.affine(tensor)
+        return tensor, geometry
 
 
 def train_transform(
@@ -64,8 +78,10 @@ def train_transform(
     interpolation: str = "bicubic",
     color_jitter: float = 0.0,
     re_mode: str = "const",
+    invariance: Optional[str] = None,
 ) -> TrainTransform:
-    """DeiT's training augmentation (timm's pieces); the result maps an image to ``(tensor, geometry)``."""
+    """DeiT's training augmentation (timm's pieces) and an invariance recipe (``data.invariance``);
+    the result maps an image to ``(tensor, geometry)``."""
     if auto_augment and auto_augment.startswith("rand") and "inc1" in auto_augment and "mmax" not in auto_augment:
         # At magnitude 10 timm's PosterizeIncreasing keeps 0 bits, which Pillow >= 13 rejects;
         # capping at 9 keeps 1 bit and leaves every other op as good as unchanged.
@@ -76,7 +92,7 @@ def train_transform(
         re_prob=reprob, re_mode=re_mode, mean=(0.0,) * channels, std=(1.0,) * channels, separate=True,
     )
     crop = next(t for t in primary.transforms if isinstance(t, RandomResizedCropAndInterpolation))
-    return TrainTransform(RecordedCropFlip(crop, hflip), pixels, final)
+    return TrainTransform(RecordedCropFlip(crop, hflip), pixels, final, get_recipe(invariance))
 
 
 def eval_transform(img_size: int, channels: int, interpolation: str = "bicubic", crop_pct: float = 1.0,
