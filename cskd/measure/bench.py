@@ -10,7 +10,6 @@ the figures it was certified for (``robustness.json`` beside its ``model.json``)
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from cskd.errors import CSKDError
 from cskd.evaluate import ModelInput, real_images
 from cskd.files import atomic_write_json, file_sha256
+from cskd.measure import machine
 from cskd.measure.plots import plot_bench, plot_served, plot_shifts
 from cskd.measure.robustness import ROBUSTNESS_JSON, ShiftOptions, SuiteModel, cell_count, gate_failures, package_record, run_shift_suite
 from cskd.measure.served import ServedModel, ServedOptions, check_served_tools, measure_served, served_rows
@@ -137,7 +137,8 @@ def check_gates(result: Dict, options: BenchOptions) -> List[str]:
 
 
 def format_table(result: Dict) -> str:
-    lines = [f"{'model':<34} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'img/s':>9} {'top-1':>7} {'agree':>7} "
+    lines = [f"on {machine.one_line(result['machine'])}"] if "machine" in result else []
+    lines += [f"{'model':<34} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'img/s':>9} {'top-1':>7} {'agree':>7} "
              f"{'speedup':>8}"]
     for r in result["rows"]:
         top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
@@ -199,8 +200,7 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
         measure(entries, feeds, options, bar)
     result = summarize(entries, options)
     result.update({
-        "machine": {"processor": platform.processor() or platform.machine(), "system": platform.platform(),
-                    "python": platform.python_version()},
+        "machine": machine.describe(),
         "options": {k: (str(v) if isinstance(v, Path) else asdict(v) if is_dataclass(v) else v) for k, v in options.__dict__.items()},
         "eval_images": int(len(labels)) if labels is not None else 0,
     })

@@ -35,7 +35,6 @@ default because those folders hold runs that cost real time (the proxies, the ``
 from __future__ import annotations
 
 import math
-import platform
 import shutil
 import statistics
 import time
@@ -54,6 +53,7 @@ from cskd.errors import CSKDError, did_you_mean
 from cskd.export.exporter import ExportOptions, export_model
 from cskd.export.formats import PRECISIONS, check_export_args
 from cskd.files import atomic_write_json
+from cskd.measure import machine
 from cskd.measure.bench import BenchOptions, run_bench
 from cskd.measure.candidates import Candidate, Network, default_family, label, network_key, train_command, unique
 from cskd.measure.plots import plot_plan
@@ -626,8 +626,7 @@ def _result(options: PlanOptions, base: Config, info: DatasetInfo, measured: Mea
         **({"trained": measured.trained} if measured.trained is not None else {}),
         "notes": [*NOTES, *_config_notes(options, base), *notes],
         "out": str(out), "bench": str(out / "bench" / "bench.json"),
-        "machine": {"processor": platform.processor() or platform.machine(), "system": platform.platform(),
-                    "torch": torch.__version__},
+        "machine": {**machine.describe(), "torch": torch.__version__},
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items() if k != "candidates"},
     }
 
