@@ -172,7 +172,9 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
     largest = max(options.batch_sizes)
     if any(e.package.batch_limit(largest) < largest for e in entries):
         raise CSKDError(f"batch size {largest} exceeds an engine's batch limit (--max-batch at export); re-export or lower it")
-    first = entries[0].package  # real validation images of the data set the models were trained on
+    # Real validation images of the data set the models were trained on, as the first student's run
+    # knows it: a teacher is often a checkpoint from elsewhere (own data: a fine-tuned file) that does not.
+    first = next((e.package for e in entries if e.role == "student"), entries[0].package)
     model_input = ModelInput(first.input.channels, first.input.size, len(first.classes), tuple(first.classes))
     if options.eval_images > 0:
         images, labels = real_images(Path(first.source.get("checkpoint", ".")), model_input, "val", options.eval_images,
