@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import compile_path
 
 from cskd import __version__
+from cskd.runtime import cores
 from cskd.runtime.backends import BackendOptions, create_backend
 from cskd.runtime.package import NamedPackage, resolve_packages
 from cskd.serve.batcher import DynamicBatcher
@@ -40,15 +40,19 @@ logger = logging.getLogger("cskd.serve")
 SHADOW_CONNECT_S = 30.0  # a worker waits this long for the shadow's first report before serving without it
 
 
-def engine_threads(requested: Optional[int], models: int) -> Optional[int]:
-    """Each model's onnxruntime threads: ``--threads`` when given; else one model gets onnxruntime's
-    default (every core) and several share this process's cores, at least one each. Measured on the
-    demo pair under load at once, sharing served the student 18% and the teacher 47% more than every
-    model on every core, which oversubscribes (docs/benchmarks.md, "Several models per server")."""
-    if requested or models <= 1:
+def engine_threads(requested: Optional[int], models: int, workers: int = 1) -> Optional[int]:
+    """Each model's onnxruntime threads: ``--threads`` when given; else a lone model in a lone worker
+    gets onnxruntime's default (every core) and otherwise every model of every worker its share of the
+    usable cores (the affinity mask bounded by a container's CPU quota, :mod:`cskd.runtime.cores`), at
+    least one each. Measured on the demo pair under load at once, sharing served the student 18% and
+    the teacher 47% more than every model on every core, which oversubscribes (docs/benchmarks.md,
+    "Several models per server"). Under a quota onnxruntime's default would count the host's cores."""
+    if requested:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // models)
+    usable, engines = cores.usable_cores(), max(1, models) * max(1, workers)
+    if engines == 1 and usable == cores.affinity_cores():
+        return None
+    return max(1, usable // engines)
 
 
 def _load(entry: NamedPackage, serving: Serving, threads: Optional[int]) -> ServedModel:
@@ -88,7 +92,7 @@ def _lifespan(serving: Serving):
     async def lifespan(app: FastAPI):
         settings = serving.settings
         entries = resolve_packages(settings.packages)
-        threads = engine_threads(settings.threads, len(entries))
+        threads = engine_threads(settings.threads, len(entries), settings.workers)
         for entry in entries:
             model = await run_in_threadpool(_load, entry, serving, threads)
             model.batcher.start()

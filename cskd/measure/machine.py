@@ -3,10 +3,11 @@ because the same packages give other speedups on other CPUs (AVX-512's int8 kern
 
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 from typing import Dict, List
+
+from cskd.runtime import cores
 
 # The x86 extensions that onnxruntime's and PyTorch's CPU kernels dispatch on, in the order of their age.
 VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_int8")
@@ -31,12 +32,12 @@ def vector_extensions(flags: str) -> List[str]:
 
 
 def describe() -> Dict[str, object]:
-    """{"cpu": model name, "vector": [extensions], "cores": usable cores, "system", "python"}."""
+    """{"cpu": model name, "vector": [extensions], "cores": usable cores (a container's quota counted), "system", "python"}."""
     info = _cpuinfo()
     return {
         "cpu": info.get("model name") or platform.processor() or platform.machine(),
         "vector": vector_extensions(info.get("flags", "")),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": cores.usable_cores(),
         "system": platform.platform(),
         "python": platform.python_version(),
     }
