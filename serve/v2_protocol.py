@@ -195,7 +195,7 @@ def tensor_from_values(name: str, datatype: str, shape: List[int], values: Any, 
             raise ValueError
         with np.errstate(over="ignore", invalid="ignore"):
             converted = array.astype(dtype).reshape(shape)
-        if not np.array_equal(converted.astype(np.float64).ravel(), array.astype(np.float64).ravel()) and not datatype.startswith("FP"):
+        if not datatype.startswith("FP") and not np.array_equal(converted.astype(np.float64).ravel(), array.astype(np.float64).ravel()):
             raise ValueError  # e.g. 300 or 1.5 sent as UINT8
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise ProtocolError(f"inputs[{index}] ({name}): 'data' does not hold {count} finite {datatype} values for shape {shape}") from None
