@@ -207,7 +207,8 @@ def test_the_alert_fires_once_when_agreement_falls_below_the_threshold(packages,
         report = judged(c, len(images))
         metrics = c.get("/metrics").text
     assert report["alert"]["firing"] and report["alert"]["warnings"] >= 1
-    assert metric_value(metrics, "cskd_shadow_alert_threshold") == pytest.approx(min(1.0, agreement + 0.2))
+    assert metric_value(metrics, "cskd_shadow_alert_threshold", source="--shadow-alert") == pytest.approx(min(1.0, agreement + 0.2))
+    assert report["alert"]["source"] == "--shadow-alert"
 
 
 def test_the_teacher_can_run_on_another_server_over_grpc(packages, images):

@@ -116,3 +116,67 @@ def test_a_teacher_package_watched_is_warned_of(packages, caplog):  # noqa: F811
         resolve_shadow(ServeSettings(model_dir="x", shadow="t", shadow_watch="nope"), served)
     with pytest.raises(CSKDError, match="holds 2 packages"):
         resolve_shadow(ServeSettings(model_dir="x", shadow=str(Path(student).parent)), served[1:])
+
+
+def certified_pair(packages, tmp_path, agreement: float, teacher_sha: str | None = None):  # noqa: F811
+    """The student's package as a folder carrying robustness.json (clean agreement ``agreement`` %, against the
+    teacher whose engine hash is ``teacher_sha``, the real teacher's by default)."""
+    import json
+
+    from cskd.files import file_sha256
+
+    student_package, teacher_package = read_package(packages[0]), read_package(packages[1])
+    sha = teacher_sha or file_sha256(packages[1] / teacher_package.engine)
+    (tmp_path / "robustness.json").write_text(json.dumps({
+        "clean": {"agreement_with_teacher": agreement, "images": 2000},
+        "teacher": {"name": teacher_package.name, "engine_sha256": sha}}))
+    student, teacher = NamedPackage("student", tmp_path, student_package), NamedPackage("teacher", packages[1], teacher_package)
+    return ShadowPair(student, teacher, class_map(student, teacher))
+
+
+def test_without_a_flag_the_alert_is_the_certified_agreement_less_three_standard_errors(packages, tmp_path):  # noqa: F811
+    from cskd.serve.shadow.judge import alert_threshold
+
+    pair = certified_pair(packages, tmp_path, 88.0)
+    threshold, source = alert_threshold(ServeSettings(model_dir="x", shadow_window=500), pair)
+    # by hand: 0.88 - 3 * sqrt(0.88 * 0.12 / 500) = 0.88 - 3 * 0.0145327 = 0.836402
+    assert threshold == pytest.approx(0.836402, abs=1e-6)
+    assert source["source"] == "robustness.json" and source["certified_agreement"] == pytest.approx(0.88)
+    short, _ = alert_threshold(ServeSettings(model_dir="x", shadow_window=50), pair)
+    assert short == pytest.approx(0.88 - 3 * (0.88 * 0.12 / 50) ** 0.5)  # a short window: further below, no flapping
+    flagged, source = alert_threshold(ServeSettings(model_dir="x", shadow_alert=0.7), pair)
+    assert flagged == 0.7 and source == {"source": "--shadow-alert"}
+
+
+def test_no_alert_from_a_certificate_against_another_teacher_or_none_and_the_report_says_why(packages, tmp_path):  # noqa: F811
+    from cskd.serve.shadow.judge import alert_threshold
+
+    other, why = alert_threshold(ServeSettings(model_dir="x"), certified_pair(packages, tmp_path, 88.0, teacher_sha="0" * 64))
+    assert other is None and "another teacher" in why["why"]
+    (tmp_path / "robustness.json").unlink()
+    pair = ShadowPair(NamedPackage("student", tmp_path, read_package(packages[0])), NamedPackage("teacher", packages[1],
+                      read_package(packages[1])), list(range(10)))
+    none, why = alert_threshold(ServeSettings(model_dir="x"), pair)
+    assert none is None and "cskd bench" in why["why"]
+    judge = ShadowJudge(pair, FixedTeacher(pair.teacher.package, 0), ServeSettings(model_dir="x"))
+    assert judge.report(0, 0)["alert"]["threshold"] is None and "cskd bench" in judge.report(0, 0)["alert"]["why"]
+
+
+def test_a_benched_package_alerts_by_default_when_served_with_its_teacher(packages, tmp_path):  # noqa: F811
+    """cskd bench --no-shifts certifies the clean agreement; the shadow then alerts with no flag."""
+    import shutil
+
+    from cskd.measure.bench import BenchOptions, run_bench
+
+    student = tmp_path / "student"
+    shutil.copytree(packages[0], student)
+    result = run_bench([student], packages[1], BenchOptions(batch_sizes=(1,), rounds=1, iters=1, warmup=0, eval_images=100,
+                                                             out=tmp_path / "bench", shifts=None), log=lambda _: None)
+    agreement = next(r["agreement_with_teacher"] for r in result["rows"] if r["role"] == "student") / 100
+    student_entry = NamedPackage("student", student, read_package(student))
+    teacher_entry = NamedPackage("teacher", packages[1], read_package(packages[1]))
+    pair = ShadowPair(student_entry, teacher_entry, class_map(student_entry, teacher_entry))
+    judge = ShadowJudge(pair, FixedTeacher(teacher_entry.package, 0), ServeSettings(model_dir="x", shadow_window=100))
+    alert = judge.report(0, 0)["alert"]
+    assert alert["source"] == "robustness.json"
+    assert alert["threshold"] == pytest.approx(max(0.0, agreement - 3 * (agreement * (1 - agreement) / 100) ** 0.5))

@@ -58,6 +58,20 @@ RECIPES: Dict[str, InvarianceRecipe] = {r.name: r for r in (
         about="tone (autocontrast, equalize, posterize, solarize, contrast) and small similarities "
               "(rotation 15 deg, shift 10%, scale 0.85-1.15) on the student's input; the target follows the geometry",
     ),
+    InvarianceRecipe(
+        name="pilot-p1",
+        tone_ops=("AutoContrast", "ContrastIncreasing"),
+        tone_spec="rand-n1-m9-mstd0.5-inc1-mmax10",
+        affine_prob=0.25, max_rotate=10.0, max_shift=0.06, scale=(0.9, 1.1),
+        trained_shifts=("digital", "geometric"), about="pilot",
+    ),
+    InvarianceRecipe(
+        name="pilot-p2",
+        tone_ops=("AutoContrast", "ContrastIncreasing"),
+        tone_spec="rand-n1-m9-mstd0.5-inc1-mmax10",
+        affine_prob=0.0, max_rotate=0.0, max_shift=0.0, scale=(1.0, 1.0),
+        trained_shifts=("digital",), about="pilot",
+    ),
 )}
 
 

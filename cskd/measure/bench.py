@@ -22,11 +22,11 @@ from cskd.evaluate import ModelInput, real_images
 from cskd.files import atomic_write_json, file_sha256
 from cskd.measure import machine
 from cskd.measure.plots import plot_bench, plot_served, plot_shifts
-from cskd.measure.robustness import ROBUSTNESS_JSON, ShiftOptions, SuiteModel, cell_count, gate_failures, package_record, run_shift_suite
+from cskd.measure.robustness import ShiftOptions, SuiteModel, cell_count, gate_failures, package_record, run_shift_suite
 from cskd.measure.served import ServedModel, ServedOptions, check_served_tools, measure_served, served_rows
 from cskd.progress import progress
 from cskd.runtime.backends import Backend, BackendOptions, create_backend, run_batched
-from cskd.runtime.package import ModelPackage
+from cskd.runtime.package import ROBUSTNESS_JSON, ModelPackage
 from cskd.runtime.preprocess import to_engine_input
 
 
@@ -208,6 +208,7 @@ def run_bench(students: Sequence[Path], teacher: Path, options: BenchOptions, lo
     })
     if suite is not None:
         result["shifts"] = suite
+    if labels is not None:
         certify(entries, suite, int(len(labels)), log)
     _save(result, options)
     if on_engine is not None:
@@ -235,19 +236,22 @@ def shift_suite(entries: List[Entry], images: np.ndarray, labels: np.ndarray, op
         return run_shift_suite(models, images, labels, options, bar)
 
 
-def certify(entries: List[Entry], suite: Dict, eval_images: int, log: Callable[[str], None]) -> None:
-    """``robustness.json`` in each student package: what it was certified for against which teacher."""
+def certify(entries: List[Entry], suite: Optional[Dict], eval_images: int, log: Callable[[str], None]) -> None:
+    """``robustness.json`` in each student package: what it was certified for against which teacher (the
+    clean agreement always, the shift figures where the suite ran)."""
     teacher = next(e for e in entries if e.role == "teacher")
     identity = {"name": teacher.package.name, "folder": str(teacher.folder), "precision": teacher.package.precision,
                 "engine_sha256": file_sha256(teacher.folder / teacher.package.engine)}
     for entry in entries:
         if entry.role == "teacher":
             continue
-        record = package_record(suite, entry.label, entry.agreement, identity, eval_images)
+        clean = {"top1": entry.top1, "teacher_top1": teacher.top1, "agreement_with_teacher": entry.agreement,
+                 "images": eval_images}
         try:
-            atomic_write_json(entry.folder / ROBUSTNESS_JSON, record)
+            atomic_write_json(entry.folder / ROBUSTNESS_JSON, package_record(suite, entry.label, clean, identity))
         except OSError as exc:  # a read-only package still gets its figures in bench.json
-            log(f"cskd bench: could not record the shift figures in {entry.folder / ROBUSTNESS_JSON} ({exc}); they are in bench.json")
+            log(f"cskd bench: could not record the certified figures in {entry.folder / ROBUSTNESS_JSON} ({exc}); they are in "
+                "bench.json")
 
 
 def _save(result: Dict, options: BenchOptions) -> None:

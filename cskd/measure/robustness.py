@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from cskd.data.shifts import SEVERITIES, apply_shift, check_families, list_shifts
 from cskd.errors import CSKDError
 
-ROBUSTNESS_JSON = "robustness.json"  # beside a student package's model.json
 WARN_RATIO = 0.8  # a student keeping less than this share of what its teacher keeps on a shift is named
 
 
@@ -196,17 +195,23 @@ def format_suite(result: Dict) -> str:
     return "\n".join(blocks)
 
 
-def package_record(result: Dict, label: str, clean_agreement: Optional[float], teacher_package: Dict, eval_images: int) -> Dict:
-    """What a student package keeps of the suite (``robustness.json``): what it was certified for."""
-    teacher = result["teacher"]
-    return {
-        "certified_by": "cskd bench", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "teacher": teacher_package,
-        "clean": {"top1": result["clean"][label], "teacher_top1": result["clean"][teacher], "images": result["images"],
-                  "agreement_with_teacher": clean_agreement, "agreement_images": eval_images},
+def package_record(suite: Optional[Dict], label: str, clean: Dict, teacher_package: Dict) -> Dict:
+    """What a student package keeps of its bench (``robustness.json``): what it was certified for. ``clean``:
+    its top-1, the teacher's and their agreement on the clean validation images; the shift figures where
+    the suite ran (``suite`` None: ``--no-shifts``, the clean agreement alone, which the shadow's default
+    alert reads)."""
+    record: Dict[str, Any] = {"certified_by": "cskd bench", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              "teacher": teacher_package, "clean": clean, "shifts": {}, "summary": None}
+    if suite is None:
+        return record
+    teacher = suite["teacher"]
+    record["clean"] = {**clean, "shift_top1": suite["clean"][label], "shift_teacher_top1": suite["clean"][teacher],
+                       "shift_images": suite["images"]}
+    record.update({
         "shifts": {r["shift"]: {"family": r["family"], "top1": r["top1"][label], "teacher_top1": r["top1"][teacher],
                                 "agreement_with_teacher": r["agreement"][label], "kept_vs_teacher": r["kept_vs_teacher"][label],
-                                "seen_in_training": r["seen"][label]} for r in result["per_shift"]},
-        "summary": result["summary"][label], "images": result["images"], "seed": result["seed"],
-        "severities": result["severities"],
-    }
+                                "seen_in_training": r["seen"][label]} for r in suite["per_shift"]},
+        "summary": suite["summary"][label], "images": suite["images"], "seed": suite["seed"],
+        "severities": suite["severities"],
+    })
+    return record

@@ -17,6 +17,8 @@ from cskd.files import atomic_write_text
 PACKAGE_FORMAT = "cskd-model-package-2"
 _LEGACY_FORMATS = ("cskd-model-package-1",)  # read and upgraded in memory
 MODEL_JSON = "model.json"
+# What `cskd bench` certified the package for (clean agreement with its teacher, the shift suite), beside model.json
+ROBUSTNESS_JSON = "robustness.json"
 
 
 @dataclass

@@ -144,7 +144,8 @@ class ShadowFeed:
         return {"student": self.student, "teacher": self.teacher, "rate": self.rate, "remote": self.settings.shadow_url,
                 "teacher_status": {"where": "starting", "reachable": False},
                 "window": {"size": self.settings.shadow_window, "samples": 0, "agreement": None},
-                "alert": {"threshold": self.settings.shadow_alert, "firing": False, "warnings": 0},
+                "alert": {"threshold": self.settings.shadow_alert, "firing": False, "warnings": 0,
+                          "source": "--shadow-alert" if self.settings.shadow_alert is not None else None},
                 "samples": {"agree": 0, "disagree": 0, "dropped": 0, "failed": 0}, "queued": 0, "queued_bytes": 0,
                 "queue_limit": {"images": self.settings.shadow_queue, "bytes": self.settings.shadow_queue_bytes},
                 "teacher_probability_of_student_top1": {"mean": None, "histogram": None}, "classes": [],
@@ -172,8 +173,13 @@ class ShadowCollector:
                     report["window"]["agreement"])
         yield gauge("cskd_shadow_window_samples", "samples in the agreement window", report["window"]["samples"])
         yield gauge("cskd_shadow_queue_images", "sampled images waiting for the teacher", report["queued"])
-        yield gauge("cskd_shadow_alert_threshold", "the agreement below which the server warns (--shadow-alert)",
-                    report["alert"]["threshold"])
+        alert = report["alert"]
+        threshold = GaugeMetricFamily("cskd_shadow_alert_threshold", "the agreement below which the server warns: "
+                                      "--shadow-alert, else the package's certified agreement (robustness.json) less 3 "
+                                      "standard errors of the window; source says which", labels=[*labels, "source"])
+        if alert["threshold"] is not None:
+            threshold.add_metric([*values, alert.get("source") or ""], alert["threshold"])
+        yield threshold
         samples = CounterMetricFamily("cskd_shadow_samples", "shadow samples by outcome: agree, disagree, dropped "
                                       "(the teacher could not keep up), failed", labels=[*labels, "outcome"])
         for outcome, count in report["samples"].items():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ import numpy as np
 
 from cskd.errors import CSKDError
 from cskd.files import file_sha256
-from cskd.runtime.package import ModelPackage, NamedPackage, resolve_packages
+from cskd.runtime.package import ROBUSTNESS_JSON, ModelPackage, NamedPackage, resolve_packages
 from cskd.runtime.postprocess import softmax
 from cskd.runtime.preprocess import ImageDecodeError, conversion_problem, convert_engine_input, decode_image, to_engine_input
 from cskd.serve.settings import ServeSettings
@@ -124,6 +125,40 @@ class AgreementWindow:
         return counts.tolist()
 
 
+ALERT_STANDARD_ERRORS = 3.0  # below the certified agreement by this many standard errors of a window: an alert
+
+
+def alert_threshold(settings: ServeSettings, pair: ShadowPair) -> Tuple[Optional[float], Dict[str, Any]]:
+    """The agreement under which the shadow warns, and where it came from.
+
+    ``--shadow-alert`` when given. Otherwise the watched package's certified clean agreement with this
+    very teacher (``robustness.json``, written by ``cskd bench``; the teacher's engine hash must match)
+    less three standard errors of a full window, the reference-window rule of drift monitors: a window of
+    500 at 88% has a standard error of 1.5 points, so a fixed "a few points under" would fire on noise
+    for short windows and late for long ones. None (no alert) when the package was never certified
+    against this teacher, and the reason says so."""
+    if settings.shadow_alert is not None:
+        return settings.shadow_alert, {"source": "--shadow-alert"}
+    record_path = pair.watched.folder / ROBUSTNESS_JSON
+    try:
+        record = json.loads(record_path.read_text())
+        agreement = float(record["clean"]["agreement_with_teacher"]) / 100.0
+        certified_teacher = record["teacher"]["engine_sha256"]
+    except FileNotFoundError:
+        return None, {"source": None, "why": f"no --shadow-alert, and {pair.watched.name} carries no certified agreement "
+                                             f"({ROBUSTNESS_JSON}): run cskd bench on it against this teacher"}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, {"source": None, "why": f"{record_path} is unreadable ({exc}); rerun cskd bench on the package"}
+    if certified_teacher != file_sha256(pair.teacher.folder / pair.teacher.package.engine):
+        return None, {"source": None, "why": f"{pair.watched.name} was certified against another teacher "
+                                             f"({record['teacher'].get('name')}) than {pair.teacher.name}"}
+    window = settings.shadow_window
+    threshold = max(0.0, agreement - ALERT_STANDARD_ERRORS * (agreement * (1 - agreement) / window) ** 0.5)
+    return threshold, {"source": ROBUSTNESS_JSON, "certified_agreement": agreement,
+                       "certified_images": record["clean"].get("images"), "standard_errors": ALERT_STANDARD_ERRORS,
+                       "window": window}
+
+
 def package_identity(package: ModelPackage) -> Dict[str, Any]:
     return {"name": package.name, "precision": package.precision, "sha256": package.source.get("sha256")}
 
@@ -136,7 +171,7 @@ class ShadowJudge:
                  capture: Optional[DisagreementCapture] = None) -> None:
         self.student, self.teacher, self.settings, self.capture = pair.watched, teacher, settings, capture
         self._class_map = np.asarray(pair.class_map)
-        self.alert = settings.shadow_alert
+        self.alert, self.alert_source = alert_threshold(settings, pair)
         self.window = AgreementWindow(settings.shadow_window)
         self._lock = threading.Lock()
         self.counts = dict.fromkeys(OUTCOMES, 0)
@@ -264,7 +299,7 @@ class ShadowJudge:
             "student": self.student.name, "teacher": self.teacher.name, "rate": settings.shadow_rate,
             "remote": settings.shadow_url, "teacher_status": self.teacher.status(),
             "window": {"size": settings.shadow_window, "samples": samples, "agreement": agreement},
-            "alert": {"threshold": self.alert, "firing": self.alerting, "warnings": self.alerts},
+            "alert": {"threshold": self.alert, "firing": self.alerting, "warnings": self.alerts, **self.alert_source},
             # waiting for the teacher or being judged by it: 0 means every sample offered so far has its outcome
             "samples": counts, "queued": queued, "queued_bytes": queued_bytes,
             "queue_limit": {"images": settings.shadow_queue, "bytes": settings.shadow_queue_bytes},
