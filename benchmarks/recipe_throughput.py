@@ -8,7 +8,7 @@ hits each alike. Each arm's figure is the median over rounds of its epochs' trai
 and writes JSON.
 
     python benchmarks/recipe_throughput.py                                 # today's demo, the cached
-                                                                           # invariance recipe, its live arm
+                                                                           # tone recipe, its live arm
     python benchmarks/recipe_throughput.py --arm today= --arm ra=data.auto_augment=rand-m9-mstd0.5-inc1 \
         --epochs 1 --rounds 5
 """
@@ -30,8 +30,8 @@ from cskd.measure import machine
 
 DEFAULT_ARMS = (
     "today=",
-    "tone-affine=data.invariance=tone-affine",
-    "tone-affine-live=data.invariance=tone-affine teacher.cache=null",
+    "tone=data.invariance=tone",
+    "tone-live=data.invariance=tone teacher.cache=null",
 )
 
 

@@ -29,10 +29,11 @@ def test_every_recipe_declares_families_of_the_suite_and_leaves_some_unseen():
         assert set(recipe.trained_shifts) <= set(FAMILIES) and set(FAMILIES) - set(recipe.trained_shifts)
 
 
-def test_tone_noise_is_a_pointwise_map_so_the_target_may_stay():
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_tone_noise_is_a_pointwise_map_so_the_target_may_stay(name):
     """Equal pixels stay equal wherever they are: no pixel moved, so the clean image's target still holds."""
     rng = np.random.default_rng(0)
-    tone = ToneNoise(RECIPE)
+    tone = ToneNoise(RECIPES[name])
     for _ in range(30):
         levels = rng.integers(0, 256, 8)
         pixels = levels[rng.integers(0, 8, (32, 32))].astype(np.uint8)
@@ -88,9 +89,19 @@ def test_the_cached_target_follows_a_move_as_the_live_teacher_sees_it():
 
 
 def test_an_unknown_recipe_and_a_second_randaugment_are_refused():
-    with pytest.raises(CSKDError, match="not a recipe; choose one of"):
-        get_recipe("tone")
+    with pytest.raises(CSKDError, match="not a recipe; choose one of.*did you mean.*tone"):
+        get_recipe("tones")
     with pytest.raises(CSKDError, match="is not a recipe"):
         load_config(None, ["data.invariance=noisy"])
     with pytest.raises(CSKDError, match="set data.auto_augment=null"):
         load_config(None, ["data.invariance=tone-affine", "data.auto_augment=rand-m9-mstd0.5-inc1"])
+
+
+def test_a_recipe_without_moves_declares_no_geometry_and_never_moves_a_pixel():
+    """tone trains on no geometric shift, so the suite judges translation, rotation and scale as unseen."""
+    recipe = get_recipe("tone")
+    assert "geometric" not in recipe.trained_shifts and recipe.affine_prob == 0
+    image = torch.rand(1, 32, 32)
+    for _ in range(20):
+        warped, theta = AffineNoise(recipe)(image)
+        assert torch.equal(theta, geometry.identity()[0]) and torch.equal(warped, image)

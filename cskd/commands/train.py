@@ -19,7 +19,8 @@ examples:
   cskd cache-teacher data.unlabeled=/usr/share/datasets/fashion-mnist --out runs/cache-transfer
   cskd train data.unlabeled=/usr/share/datasets/fashion-mnist teacher.cache=runs/cache-transfer train.epochs=12
                                                 # + unlabelled images the teacher alone supervises
-  cskd train data.invariance=tone-affine            # distil invariance: noised input, the cached clean target
+  cskd train data.invariance=tone output=runs/tone   # distil invariance: noised input, the cached clean target
+                                                # (recipes: tone, tone-affine; README "Will the student hold")
   cskd train --config finetune-teacher data.path=ROOT teacher.init=regnety_160.safetensors output=runs/t
   cskd train --config finetune data.path=ROOT student.init=deit_tiny_distilled_patch16_224.safetensors \
       teacher.checkpoint=runs/t teacher.cache=runs/t-cache  # fine-tune both from pretrained weights (README)

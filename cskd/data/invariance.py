@@ -44,33 +44,31 @@ class InvarianceRecipe:
     about: str
 
 
-# Tone: AugMix's tone operations less those that overlap the suite's weather family (brightness)
-# and blur (sharpness, which blends with a blurred copy), plus contrast: so the recipe trains on the
-# digital family (contrast; posterize is a coarse quantisation, like JPEG's) and on geometry, and
-# never sees noise, blur or weather: 11 of the 15 corruptions are held out.
+# Tone operations: AugMix's, less those that overlap the suite's weather family (brightness) and
+# blur (sharpness, which blends with a blurred copy), plus contrast, which is the digital family's:
+# the recipes train on digital shifts (contrast; posterize is a coarse quantisation, like JPEG's) and
+# never see noise, blur or weather. Measured on the demo (docs/benchmarks.md, "Distilling invariance"):
+# the pixel moves cost the 0.46M student about 5 clean points in its 24 epochs, tone alone about one,
+# and tone alone already lifts fog, frost and brightness, which it never sees, above 0.8x of the teacher.
 RECIPES: Dict[str, InvarianceRecipe] = {r.name: r for r in (
+    InvarianceRecipe(
+        name="tone",
+        tone_ops=("AutoContrast", "ContrastIncreasing"),
+        tone_spec="rand-n1-m9-mstd0.5-inc1-mmax10",
+        affine_prob=0.0, max_rotate=0.0, max_shift=0.0, scale=(1.0, 1.0),
+        trained_shifts=("digital",),
+        about="one tone operation (autocontrast, or a contrast factor of about 0.2-1.8) on half the student's "
+              "inputs; the target stays the clean image's. Holds out noise, blur, weather and geometry (14 shifts)",
+    ),
     InvarianceRecipe(
         name="tone-affine",
         tone_ops=("AutoContrast", "Equalize", "PosterizeIncreasing", "SolarizeIncreasing", "ContrastIncreasing"),
         tone_spec="rand-n2-m9-mstd0.5-inc1-mmax9",
         affine_prob=0.5, max_rotate=15.0, max_shift=0.1, scale=(0.85, 1.15),
         trained_shifts=("digital", "geometric"),
-        about="tone (autocontrast, equalize, posterize, solarize, contrast) and small similarities "
-              "(rotation 15 deg, shift 10%, scale 0.85-1.15) on the student's input; the target follows the geometry",
-    ),
-    InvarianceRecipe(
-        name="pilot-p1",
-        tone_ops=("AutoContrast", "ContrastIncreasing"),
-        tone_spec="rand-n1-m9-mstd0.5-inc1-mmax10",
-        affine_prob=0.25, max_rotate=10.0, max_shift=0.06, scale=(0.9, 1.1),
-        trained_shifts=("digital", "geometric"), about="pilot",
-    ),
-    InvarianceRecipe(
-        name="pilot-p2",
-        tone_ops=("AutoContrast", "ContrastIncreasing"),
-        tone_spec="rand-n1-m9-mstd0.5-inc1-mmax10",
-        affine_prob=0.0, max_rotate=0.0, max_shift=0.0, scale=(1.0, 1.0),
-        trained_shifts=("digital",), about="pilot",
+        about="two tone operations (autocontrast, equalize, posterize, solarize, contrast) and, on half the inputs, a "
+              "small similarity (rotation 15 deg, shift 10%, scale 0.85-1.15) that the dense target follows; more "
+              "robust than tone, and for a student with the capacity and epochs to fit it (the demo's loses 5 points)",
     ),
 )}
 
