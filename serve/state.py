@@ -12,7 +12,7 @@ import numpy as np
 from fastapi import Request
 
 from cskd.runtime.package import ModelPackage
-from cskd.runtime.preprocess import ImageDecodeError, decode_image, to_engine_input
+from cskd.runtime.preprocess import ImageDecodeError, image_rows
 from cskd.serve.batcher import DeadlineExceeded, DynamicBatcher, InferenceTimeout, Prepare, QueueFull
 from cskd.serve.errors import APIError, bad_image, overloaded, timed_out
 from cskd.serve.metrics import ServeMetrics
@@ -44,14 +44,10 @@ class ServedModel:
 
     def engine_rows(self, images: List[bytes]) -> np.ndarray:
         """Encoded images -> engine input (runs in the batcher's worker thread, never on the event loop)."""
-        spec = self.package.input
-        decoded = []
-        for i, data in enumerate(images):
-            try:
-                decoded.append(decode_image(data, spec.channels, spec.size, spec.resize, self.settings.max_pixels, spec.crop_pct))
-            except ImageDecodeError as exc:
-                raise bad_image(f"image {i}: {exc}" if len(images) > 1 else str(exc)) from None
-        return to_engine_input(np.stack(decoded), spec.dtype, spec.mean, spec.std)
+        try:
+            return image_rows(images, self.package.input, self.settings.max_pixels)
+        except ImageDecodeError as exc:
+            raise bad_image(str(exc)) from None
 
     async def classify(self, images: List[bytes]) -> np.ndarray:
         """Logits for encoded images: decoded and run with other requests' images in one batch."""

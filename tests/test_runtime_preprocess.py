@@ -110,3 +110,21 @@ def test_inputs_of_other_crops_cannot_be_converted():
 
     assert conversion_problem(spec(), spec(channels=3, size=224)) == ""
     assert "cannot be restored" in conversion_problem(spec(), spec(crop_pct=0.875))
+
+
+def test_image_rows_are_the_packages_own_decode_and_encoding_and_name_a_bad_image():
+    from cskd.runtime.package import InputSpec
+    from cskd.runtime.preprocess import image_rows
+
+    spec = InputSpec("input", "float32", "NCHW", 1, 16, [0.5], [0.25], "bilinear", 0.875)
+    arrays = [np.random.default_rng(k).integers(0, 256, (30, 40), dtype=np.uint8) for k in range(2)]
+    rows = image_rows([png(a) for a in arrays], spec)
+    # by hand: shorter side 30 -> 16 / 0.875 = 18 (timm's floor), the centre 16 x 16, then (x / 255 - 0.5) / 0.25
+    for a, row in zip(arrays, rows):
+        resized = Image.fromarray(a).resize((24, 18), Image.BILINEAR)
+        crop = np.asarray(resized)[1:17, 4:20].astype(np.float32)
+        assert np.abs(row[0] - (crop / 255 - 0.5) / 0.25).max() < 1e-5
+    with pytest.raises(ImageDecodeError, match="image 1: cannot decode"):
+        image_rows([png(arrays[0]), b"not an image"], spec)
+    with pytest.raises(ImageDecodeError, match="^empty image"):
+        image_rows([b""], spec)

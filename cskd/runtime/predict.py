@@ -10,7 +10,7 @@ import numpy as np
 from cskd.errors import CSKDError
 from cskd.runtime.backends import BackendOptions, create_backend, run_batched
 from cskd.runtime.postprocess import top_k
-from cskd.runtime.preprocess import ImageDecodeError, decode_image, to_engine_input
+from cskd.runtime.preprocess import ImageDecodeError, decode_for, to_engine_input
 
 
 def predict_files(model_dir: Path, images: Sequence[Path], k: int = 5, backend: Optional[str] = None,
@@ -24,7 +24,7 @@ def predict_files(model_dir: Path, images: Sequence[Path], k: int = 5, backend: 
         except OSError as exc:
             raise CSKDError(f"cannot read {path} ({exc.strerror}); pass existing image files") from None
         try:
-            arrays.append(decode_image(data, spec.channels, spec.size, spec.resize, crop_pct=spec.crop_pct))
+            arrays.append(decode_for(spec, data))
         except ImageDecodeError as exc:
             raise CSKDError(f"{path}: {exc}") from None
     batch = np.stack(arrays)

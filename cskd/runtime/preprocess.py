@@ -69,6 +69,25 @@ def decode_image(data: bytes, channels: int, size: int, resize: str = "bicubic",
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
+def decode_for(spec, data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Bytes of an image file -> uint8 ``[C, H, W]`` pixels the way the package of input spec ``spec``
+    (:class:`~cskd.runtime.package.InputSpec`) expects them: its channels, size, resize and crop."""
+    return decode_image(data, spec.channels, spec.size, spec.resize, max_pixels, spec.crop_pct)
+
+
+def image_rows(images: Sequence[bytes], spec, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Image files -> the engine input of the package of input spec ``spec``: the one way the server's
+    routes, its shadow teacher and ``cskd predict`` turn bytes into rows. A bad image raises
+    :class:`ImageDecodeError` naming its index among several."""
+    decoded = []
+    for i, data in enumerate(images):
+        try:
+            decoded.append(decode_for(spec, data, max_pixels))
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(f"image {i}: {exc}" if len(images) > 1 else str(exc)) from None
+    return to_engine_input(np.stack(decoded), spec.dtype, spec.mean, spec.std)
+
+
 def to_8_bit(image: Image.Image) -> Image.Image:
     """16-bit and 32-bit greyscale images scaled to 8 bits (Pillow's own conversion would clip them)."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):

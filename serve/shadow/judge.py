@@ -18,7 +18,7 @@ from cskd.errors import CSKDError
 from cskd.files import file_sha256
 from cskd.runtime.package import ROBUSTNESS_JSON, ModelPackage, NamedPackage, resolve_packages
 from cskd.runtime.postprocess import softmax
-from cskd.runtime.preprocess import ImageDecodeError, conversion_problem, convert_engine_input, decode_image, to_engine_input
+from cskd.runtime.preprocess import ImageDecodeError, conversion_problem, convert_engine_input, image_rows
 from cskd.serve.settings import ServeSettings
 from cskd.serve.shadow.capture import DisagreementCapture, image_file
 from cskd.serve.shadow.teachers import TeacherEngine
@@ -193,8 +193,7 @@ class ShadowJudge:
     def teacher_rows(self, sample: Sample) -> np.ndarray:
         spec = self.teacher.package.input
         if isinstance(sample.payload, bytes):
-            image = decode_image(sample.payload, spec.channels, spec.size, spec.resize, self.settings.max_pixels, spec.crop_pct)
-            return to_engine_input(image[None], spec.dtype, spec.mean, spec.std)[0]
+            return image_rows([sample.payload], spec, self.settings.max_pixels)[0]
         return convert_engine_input(sample.payload[None], self.student.package.input, spec)[0]
 
     def judge(self, batch: List[Sample]) -> None:
