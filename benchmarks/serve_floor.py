@@ -35,6 +35,7 @@ def create_app(folder: Path):
     classes = len(package.classes)
     replies = {
         "/readyz": json.dumps({"ready": True}).encode(),
+        "/v2": json.dumps({"name": "floor", "version": "0", "extensions": []}).encode(),  # perf_analyzer asks first
         "/v1/model": json.dumps({"name": name}).encode(),
         f"/v2/models/{name}": json.dumps({
             "name": name, "versions": ["1"], "platform": PLATFORMS[package.engine_format],
