@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from cskd.files import atomic_write_json
 from cskd.measure import machine
 
 DEFAULT_ARMS = (
@@ -85,8 +86,7 @@ def main() -> None:
     print(f"{'arm':<18} {'train img/s':>12} {'vs ' + first:>12} {'run wall s':>11}")
     for name in arms:
         print(f"{name:<18} {median[name]['images_per_s']:>12.1f} {ratio[name]:>11.2f}x {median[name]['wall_s']:>11.1f}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.json, result)
     print(f"wrote {args.json}")
 
 

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from cskd.files import atomic_write_json
+
 
 def load(text: str) -> Tuple[str, Dict, str]:
     name, sep, path = text.partition("=")
@@ -43,7 +45,8 @@ def main() -> None:
     for i, row in enumerate(first["per_shift"]):
         seen = row["family"] in trained
         cells = [r[1]["per_shift"][i] for r in runs]
-        assert all(c["shift"] == row["shift"] for c in cells), "the bench files hold different shift lists"
+        if any(c["shift"] != row["shift"] for c in cells):
+            raise SystemExit("the bench files hold different shift lists: bench them with the same --shift-* options")
         kept = [c["kept_vs_teacher"][label] for c, (_, _, label) in zip(cells, runs)]
         tops = [c["top1"][label] for c, (_, _, label) in zip(cells, runs)]
         mark = lambda k: f"**{k:.2f}x**" if k < 0.8 else f"{k:.2f}x"  # noqa: E731
@@ -71,7 +74,7 @@ def main() -> None:
               f"{teacher_mca / t['clean']:.3f}), below 0.8x on {', '.join(collapses) or 'none'}"
               + (f"; mCE there {u['mce_vs_teacher']:.0f}" if u and s.get("trained_shifts") else ""))
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "summaries": summaries, "trained_families": sorted(trained)}, indent=2) + "\n")
+        atomic_write_json(args.json, {"rows": rows, "summaries": summaries, "trained_families": sorted(trained)})
         print(f"wrote {args.json}")
 
 

@@ -14,7 +14,6 @@ table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -25,6 +24,7 @@ from timm.optim import create_optimizer_v2
 
 from cskd.distributed import DistEnv, pick_device
 from cskd.engine import Normalization, StepContext
+from cskd.files import atomic_write_json
 from cskd.loss import CSKDLoss
 from cskd.measure.training import NoSchedule, random_cache, synthetic_batches, training_rates
 from cskd.models import create_student, create_teacher
@@ -96,8 +96,7 @@ def main() -> None:
     for mode in MODES:
         print(f"{mode:<7} {median[mode]:>10.1f} {result['ratio_to_nokd'][mode]:>8.2f}x")
     print(f"cached teacher targets: {result['cached_over_online']:.2f}x the online teacher's training throughput")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.json, result)
     print(f"wrote {args.json}")
 
 
