@@ -77,7 +77,8 @@ def decode_for(spec, data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 def image_rows(images: Sequence[bytes], spec, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Image files -> the engine input of the package of input spec ``spec``: the one way the server's
-    routes, its shadow teacher and ``cskd predict`` turn bytes into rows. A bad image raises
+    routes and its shadow teacher turn bytes into rows (``cskd predict`` decodes with :func:`decode_for`
+    and encodes per engine batch). A bad image raises
     :class:`ImageDecodeError` naming its index among several."""
     decoded = []
     for i, data in enumerate(images):
